@@ -1,0 +1,125 @@
+"""Checkpoints and exported adapters, written so that a crash mid-write loses nothing.
+
+A checkpoint is one safetensors file holding the adapter's weights, its AdamW state and a JSON
+header: written to a temporary file beside the target, flushed to disk, then renamed over the
+target (atomic on POSIX), so the previous checkpoint stays loadable until the new one is whole.
+Nothing in it is pickled. An export is a plain PEFT directory, swapped in the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from colo.errors import CheckpointError
+from colo.types import LoraConfig
+
+FORMAT = "colo-checkpoint-v1"
+_WEIGHT = "weights/"
+_OPTIM = "optimizer/"
+
+
+@dataclass
+class Checkpoint:
+    lora: LoraConfig
+    seed: int
+    version: int
+    base_model: str
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]  # empty when saved without optimizer state
+
+
+def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
+    target = Path(path).expanduser()
+    tensors = {_WEIGHT + k: v.detach().cpu().contiguous() for k, v in ckpt.weights.items()}
+    tensors.update({_OPTIM + k: v.detach().cpu().contiguous() for k, v in ckpt.optimizer.items()})
+    header = {"format": FORMAT, "lora": json.dumps(asdict(ckpt.lora)), "seed": str(ckpt.seed),
+              "version": str(ckpt.version), "base_model": ckpt.base_model}
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir():
+            raise CheckpointError(f"cannot save a checkpoint to {str(target)!r}: it is a directory; allowed: a file path")
+        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+        try:
+            save_file(tensors, str(tmp), metadata=header)
+            _fsync(tmp)
+            os.replace(tmp, target)
+            _fsync(target.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot save a checkpoint to {str(target)!r}: {e.strerror or e}") from None
+    return target
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise CheckpointError(f"no checkpoint at {str(source)!r}: allowed: a file written by save_state")
+    try:
+        with safe_open(str(source), framework="pt") as f:
+            header = f.metadata() or {}
+            if header.get("format") != FORMAT:
+                raise CheckpointError(f"{str(source)!r} is not a colo checkpoint (format {header.get('format')!r})")
+            weights, optimizer = {}, {}
+            for key in f.keys():
+                if key.startswith(_WEIGHT):
+                    weights[key[len(_WEIGHT):]] = f.get_tensor(key)
+                elif key.startswith(_OPTIM):
+                    optimizer[key[len(_OPTIM):]] = f.get_tensor(key)
+            return Checkpoint(lora=LoraConfig(**json.loads(header["lora"])), seed=int(header["seed"]),
+                              version=int(header["version"]), base_model=header["base_model"],
+                              weights=weights, optimizer=optimizer)
+    except CheckpointError:
+        raise
+    except Exception as e:  # a truncated or foreign file: safetensors/json raise many types
+        raise CheckpointError(f"cannot read checkpoint {str(source)!r}: {e}") from None
+
+
+def export_peft(path: str | os.PathLike, peft_config, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write a directory that ``peft.PeftModel.from_pretrained`` and ``vllm --lora-modules`` load."""
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"cannot export to {str(target)!r}: it is a file; allowed: a directory path")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+        try:
+            peft_config.save_pretrained(str(tmp))
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                      str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            _fsync(tmp / "adapter_model.safetensors")
+            _swap_in(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot export to {str(target)!r}: {e.strerror or e}") from None
+    return target
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Replace directory ``target`` by ``new``; the old one is removed only once the new one is in place."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
+        os.rename(target, old)
+    os.rename(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,47 @@
+"""The ``colo`` command: prepare the default model, show the configuration, list engines."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from colo.errors import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="colo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("prepare-model", help="convert the default model into the model cache once; print its path")
+    sub.add_parser("config", help="print the effective configuration (COLO_* and COLO_CONFIG applied)")
+    sub.add_parser("engines", help="list the engines that COLO_ENGINE can name")
+    args = parser.parse_args(argv)
+
+    try:
+        from colo.config import Config
+
+        config = Config()
+    except ConfigError as e:
+        print(f"colo: {e}", file=sys.stderr)
+        return 2
+
+    if args.command == "prepare-model":
+        from colo.default_model import ensure_default_model
+
+        print(ensure_default_model(config.model_cache_dir))
+    elif args.command == "config":
+        for name, value in config.model_dump().items():
+            print(f"COLO_{name.upper()}={value}")
+    elif args.command == "engines":
+        from engines.registry import engine_class, engine_names
+
+        for name in engine_names():
+            try:
+                caps = engine_class(name).capabilities
+                print(f"{name}: {caps}")
+            except Exception as e:  # a third-party engine that fails to import is listed, not fatal
+                print(f"{name}: cannot be loaded ({e})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

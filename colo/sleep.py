@@ -1,0 +1,48 @@
+"""Sleep/wake of the engine, driven by the Trainer: asleep while training runs, awake to sample."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engines.base import InferenceEngine
+
+log = logging.getLogger(__name__)
+
+
+def device_free_bytes() -> int | None:
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0]
+    return None
+
+
+class SleepControl:
+    def __init__(self, engine: InferenceEngine, level: int) -> None:
+        self.engine = engine
+        self.level = level
+        self.asleep = False
+        self.last_reclaimed_bytes: int | None = None
+        self._said_unsupported = False
+
+    def before_training(self) -> None:
+        if self.asleep:
+            return
+        if not self.engine.capabilities.sleep:
+            if not self._said_unsupported:
+                log.info("engine %r does not sleep: training and sampling share memory (nothing to release)",
+                         self.engine.name)
+                self._said_unsupported = True
+            return
+        free_before = device_free_bytes()
+        self.engine.sleep(self.level)
+        free_after = device_free_bytes()
+        self.asleep = True
+        if free_before is not None and free_after is not None:
+            self.last_reclaimed_bytes = free_after - free_before
+            log.info("engine asleep (level %d): %.1f MiB reclaimed", self.level, self.last_reclaimed_bytes / 2**20)
+
+    def before_sampling(self) -> None:
+        if self.asleep:
+            self.engine.wake()
+            self.asleep = False

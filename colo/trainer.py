@@ -1,0 +1,260 @@
+"""The Trainer: one base model, many LoRA adapters, and a sampler that always sees the newest weights.
+
+Shaped like the Tinker API (create_lora, forward_backward, optim_step, sample), so the HTTP service
+is a thin layer over it. Every method validates its whole request before it changes anything.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+from typing import Sequence
+
+import torch
+
+from colo.adapters import Adapter
+from colo.checkpoint import Checkpoint, export_peft, load_checkpoint, save_checkpoint
+from colo.config import Config
+from colo.default_model import resolve_model
+from colo.errors import CheckpointError, InvalidRequestError, UnknownAdapterError
+from colo.model import PolicyModel, resolve_device, resolve_dtype
+from colo.sleep import SleepControl
+from colo.types import (AdamParams, Datum, ForwardBackwardOutput, LoraConfig, OptimStepOutput, SampleResult,
+                        SamplingParams)
+from colo.validation import check_adam, check_context, check_data, check_loss, check_sampling, check_tokens
+from engines.base import AdapterUpdate, AdapterVersion, EngineContext, SampleRequest
+from engines.registry import create_engine
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(self, config: Config | None = None, **overrides) -> None:
+        """``Trainer()`` reads ``COLO_*``; keyword arguments override single settings."""
+        if config is None:
+            config = Config(**overrides)
+        elif overrides:
+            config = Config(**{**config.model_dump(), **overrides})
+        self.config = config
+        device = resolve_device(config.device)
+        self.model_path = resolve_model(config.model, config.model_cache_dir)
+        self.policy = PolicyModel(self.model_path, device, resolve_dtype(config.dtype, device))
+        self.max_len = min(config.max_model_len, self.policy.max_positions)
+        self.adapters: dict[str, Adapter] = {}
+        self._ids = itertools.count(1)
+        self.engine = create_engine(config.engine, EngineContext(config, self.model_path, self.policy, self.max_len))
+        self.sleep = SleepControl(self.engine, config.sleep_level)
+        log.info("colo: model %s on %s (%s), engine %s", self.model_path, device, self.policy.dtype, self.engine.name)
+
+    @classmethod
+    def from_env(cls, **overrides) -> Trainer:
+        return cls(None, **overrides)
+
+    @property
+    def tokenizer(self):
+        return self.policy.tokenizer
+
+    # ---- adapters -------------------------------------------------------------------------------
+
+    def create_lora(self, rank: int = 32, alpha: float | None = None, seed: int | None = None,
+                    train_attn: bool = True, train_mlp: bool = True, train_unembed: bool = False) -> str:
+        lora = LoraConfig(rank=rank, alpha=alpha, train_attn=train_attn, train_mlp=train_mlp,
+                          train_unembed=train_unembed)
+        self._check_lora(lora)
+        n = next(self._ids)
+        # without a seed, adapter n of a run is still reproducible from COLO_SEED
+        return self._add(f"lora-{n}", lora, seed if seed is not None else self.config.seed * 1_000_003 + n)
+
+    def delete_lora(self, adapter: str) -> None:
+        self._adapter(adapter)
+        self.engine.release(adapter)
+        self.policy.delete_adapter(adapter)
+        del self.adapters[adapter]
+
+    def list_loras(self) -> dict[str, int]:
+        """Adapter id -> current version."""
+        return {a.id: a.version for a in self.adapters.values()}
+
+    def version(self, adapter: str) -> int:
+        return self._adapter(adapter).version
+
+    # ---- training -------------------------------------------------------------------------------
+
+    def forward(self, adapter: str, data: Sequence[Datum], loss_fn: str = "cross_entropy",
+                loss_fn_config: dict | None = None) -> ForwardBackwardOutput:
+        with torch.no_grad():
+            return self._run_loss(adapter, data, loss_fn, loss_fn_config, backward=False)
+
+    def forward_backward(self, adapter: str, data: Sequence[Datum], loss_fn: str = "cross_entropy",
+                         loss_fn_config: dict | None = None) -> ForwardBackwardOutput:
+        """Compute the loss (a sum over data and tokens) and add its gradients to the adapter's."""
+        return self._run_loss(adapter, data, loss_fn, loss_fn_config, backward=True)
+
+    def optim_step(self, adapter: str, adam: AdamParams = AdamParams()) -> OptimStepOutput:
+        """One AdamW step on the accumulated gradients; the new version is servable when this returns."""
+        state = self._adapter(adapter)
+        check_adam(adam)
+        self.sleep.before_training()
+        params = list(state.params.values())
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        if not math.isfinite(grad_norm):
+            for p in params:
+                p.grad = None
+            raise InvalidRequestError(f"gradient norm of {adapter} is {grad_norm}; the step was skipped and the "
+                                      "gradients dropped (weights unchanged); allowed: finite losses")
+        if adam.grad_clip_norm > 0 and grads:
+            torch.nn.utils.clip_grads_with_norm_(params, adam.grad_clip_norm, torch.tensor(grad_norm))
+        state.set_hyperparameters(adam)
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.version += 1
+        self._publish(state)
+        return OptimStepOutput(adapter, state.version,
+                               {"grad_norm:mean": grad_norm, "learning_rate:mean": adam.learning_rate})
+
+    # ---- sampling and scoring -------------------------------------------------------------------
+
+    def sample(self, adapter: str | None, prompts: Sequence[Sequence[int]], num_samples: int = 1,
+               params: SamplingParams = SamplingParams()) -> list[SampleResult]:
+        """``num_samples`` completions of each prompt, from ``adapter``'s newest version (None: base model)."""
+        prompts = [[int(t) for t in p] for p in prompts]
+        key = AdapterVersion(adapter, self._adapter(adapter).version) if adapter is not None else None
+        check_sampling(prompts, num_samples, params, self.policy.vocab_size, self.max_len)
+        self.sleep.before_sampling()
+        return self.engine.sample([SampleRequest(p, num_samples, params, key) for p in prompts])
+
+    def compute_logprobs(self, adapter: str | None, tokens: Sequence[int]) -> list[float | None]:
+        """logprob of each token given those before it; the first has none."""
+        tokens = [int(t) for t in tokens]
+        if adapter is not None:
+            self._adapter(adapter)
+        check_tokens(tokens, self.policy.vocab_size, "tokens")
+        check_context(len(tokens), self.max_len, "tokens")
+        if len(tokens) == 1:
+            return [None]
+        with torch.no_grad(), self.policy.active(adapter) as model:
+            lp = self.policy.token_logprobs(model, [tokens[:-1]], [tokens[1:]])[0]
+        return [None, *lp.tolist()]
+
+    # ---- persistence ----------------------------------------------------------------------------
+
+    def save_state(self, adapter: str, path: str | os.PathLike, optimizer: bool = True) -> str:
+        """Write the adapter's weights (and AdamW state) to one file, atomically."""
+        state = self._adapter(adapter)
+        ckpt = Checkpoint(lora=state.lora, seed=state.seed, version=state.version, base_model=self.model_path,
+                          weights={k: p.data for k, p in state.params.items()},
+                          optimizer=state.optimizer_tensors() if optimizer else {})
+        return str(save_checkpoint(path, ckpt))
+
+    def load_state(self, path: str | os.PathLike, adapter: str | None = None) -> str:
+        """Load a checkpoint into a new adapter (or over ``adapter``, which must have the same shape)."""
+        ckpt = load_checkpoint(path)
+        self._check_lora(ckpt.lora)
+        if adapter is not None:
+            state = self._adapter(adapter)
+            if state.lora != ckpt.lora:
+                raise CheckpointError(f"checkpoint {str(path)!r} has LoRA {ckpt.lora}; {adapter} has {state.lora}")
+            self._check_keys(path, ckpt, state)
+            self._restore(state, ckpt)
+            return adapter
+        adapter_id = self._add(f"lora-{next(self._ids)}", ckpt.lora, ckpt.seed, publish=False)
+        state = self.adapters[adapter_id]
+        try:
+            self._check_keys(path, ckpt, state)
+        except CheckpointError:
+            self.delete_lora(adapter_id)
+            raise
+        self._restore(state, ckpt)
+        return adapter_id
+
+    def export_adapter(self, adapter: str, path: str | os.PathLike) -> str:
+        """Write a plain PEFT adapter directory (``PeftModel.from_pretrained``, ``vllm --lora-modules``)."""
+        state = self._adapter(adapter)
+        return str(export_peft(path, self.policy.peft_config(state.lora),
+                               {k: p.data for k, p in state.params.items()}))
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _adapter(self, adapter: str) -> Adapter:
+        try:
+            return self.adapters[adapter]
+        except (KeyError, TypeError):
+            known = ", ".join(self.adapters) or "none yet (create_lora makes one)"
+            raise UnknownAdapterError(f"unknown adapter {adapter!r}; known adapters: {known}") from None
+
+    def _check_lora(self, lora: LoraConfig) -> None:
+        if not isinstance(lora.rank, int) or not 1 <= lora.rank <= self.config.max_lora_rank:
+            raise InvalidRequestError(f"LoRA rank {lora.rank!r}; allowed: an integer in [1, "
+                                      f"{self.config.max_lora_rank}] (COLO_MAX_LORA_RANK)")
+        if lora.alpha is not None and not (isinstance(lora.alpha, (int, float)) and lora.alpha > 0):
+            raise InvalidRequestError(f"LoRA alpha {lora.alpha!r}; allowed: a number > 0, or None (= rank)")
+        if not self.policy.target_modules(lora):
+            raise InvalidRequestError("the LoRA trains no layer; allowed: at least one of train_attn, train_mlp, "
+                                      "train_unembed that this model has")
+
+    def _check_keys(self, path, ckpt: Checkpoint, state: Adapter) -> None:
+        if set(ckpt.weights) != set(state.params):
+            raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model "
+                                  f"(saved from {ckpt.base_model!r}, loaded on {self.model_path!r})")
+        for k, p in state.params.items():
+            if ckpt.weights[k].shape != p.shape:
+                raise CheckpointError(f"checkpoint {str(path)!r}: {k} has shape {tuple(ckpt.weights[k].shape)}, "
+                                      f"this model needs {tuple(p.shape)}")
+
+    def _add(self, adapter_id: str, lora: LoraConfig, seed: int, publish: bool = True) -> str:
+        self.policy.add_adapter(adapter_id, lora, seed)
+        self.adapters[adapter_id] = Adapter.create(adapter_id, lora, seed, self.policy.parameters(adapter_id))
+        if publish:
+            self._publish(self.adapters[adapter_id])
+        return adapter_id
+
+    def _restore(self, state: Adapter, ckpt: Checkpoint) -> None:
+        with torch.no_grad():
+            for k, p in state.params.items():
+                p.copy_(ckpt.weights[k])
+        state.optimizer.state.clear()
+        state.load_optimizer_tensors(ckpt.optimizer)
+        state.version = ckpt.version
+        for p in state.params.values():
+            p.grad = None
+        self._publish(state)
+
+    def _publish(self, state: Adapter) -> None:
+        update = AdapterUpdate(key=AdapterVersion(state.id, state.version),
+                               peft_config=self.policy.peft_config(state.lora).to_dict(),
+                               tensors={k: p.detach() for k, p in state.params.items()})
+        self.engine.publish(update)
+
+    def _run_loss(self, adapter: str, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None,
+                  backward: bool) -> ForwardBackwardOutput:
+        self._adapter(adapter)
+        spec, config = check_loss(loss_fn, loss_fn_config)
+        check_data(data, spec, loss_fn, self.policy.vocab_size, self.max_len)
+        if backward:
+            self.sleep.before_training()
+        device = self.policy.device
+        with self.policy.active(adapter, train=backward) as model:
+            logprobs = self.policy.token_logprobs(
+                model, [d.model_input for d in data], [d.loss_fn_inputs["target_tokens"].tolist() for d in data])
+            total = torch.zeros((), device=device)
+            for lp, datum in zip(logprobs, data):
+                inputs = {k: v.to(device, torch.float32) for k, v in datum.loss_fn_inputs.items() if k != "target_tokens"}
+                total = total + spec.fn(lp, inputs, config)
+            if backward:
+                total.backward()
+        return ForwardBackwardOutput(
+            loss_fn_outputs=[{"logprobs": lp.detach().cpu()} for lp in logprobs],
+            metrics={"loss:sum": float(total.detach())},
+        )

@@ -1,0 +1,114 @@
+"""Checks of every request, run before the Trainer touches any state.
+
+Each failure raises one typed error whose message says what was wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+
+from colo.errors import ContextLengthError, InvalidRequestError
+from colo.losses import LOSSES, LossSpec
+from colo.types import AdamParams, Datum, SamplingParams
+
+
+def check_tokens(tokens: Sequence[int], vocab_size: int, what: str) -> None:
+    if len(tokens) == 0:
+        raise InvalidRequestError(f"{what} is empty; allowed: at least one token id")
+    bad = next((t for t in tokens if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(f"{what} has token id {bad}; allowed: token ids in [0, {vocab_size})")
+
+
+def check_context(length: int, max_len: int, what: str) -> None:
+    if length > max_len:
+        raise ContextLengthError(f"{what} is {length} tokens long; allowed: at most {max_len} (the context length)")
+
+
+def check_loss(loss_fn: str, loss_fn_config: dict[str, Any] | None) -> tuple[LossSpec, dict[str, float]]:
+    spec = LOSSES.get(loss_fn)
+    if spec is None:
+        raise InvalidRequestError(f"unknown loss_fn {loss_fn!r}; allowed: {', '.join(LOSSES)}")
+    config = dict(spec.defaults)
+    for key, value in (loss_fn_config or {}).items():
+        if key not in config:
+            allowed = ", ".join(config) or "none"
+            raise InvalidRequestError(f"loss_fn_config key {key!r} is not used by {loss_fn}; allowed: {allowed}")
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidRequestError(f"loss_fn_config[{key!r}]={value!r}; allowed: a finite number")
+        config[key] = float(value)
+    return spec, config
+
+
+def check_data(data: Sequence[Datum], spec: LossSpec, loss_fn: str, vocab_size: int, max_len: int) -> None:
+    if not data:
+        raise InvalidRequestError("data is empty; allowed: a list of at least one Datum")
+    allowed = {"target_tokens", *spec.required, *spec.optional}
+    for i, datum in enumerate(data):
+        if not isinstance(datum, Datum):
+            raise InvalidRequestError(f"data[{i}] is a {type(datum).__name__}; allowed: colo.Datum")
+        check_tokens(datum.model_input, vocab_size, f"data[{i}].model_input")
+        check_context(len(datum.model_input), max_len, f"data[{i}].model_input")
+        inputs = datum.loss_fn_inputs
+        missing = [k for k in ("target_tokens", *spec.required) if k not in inputs]
+        if missing:
+            raise InvalidRequestError(f"data[{i}].loss_fn_inputs lacks {', '.join(missing)}; {loss_fn} needs "
+                                      f"{', '.join(sorted(allowed - set(spec.optional)))}")
+        for key, tensor in inputs.items():
+            if key not in allowed:
+                raise InvalidRequestError(f"data[{i}].loss_fn_inputs has {key!r}; allowed for {loss_fn}: "
+                                          f"{', '.join(sorted(allowed))}")
+            if tensor.dim() != 1 or tensor.shape[0] != len(datum.model_input):
+                raise InvalidRequestError(f"data[{i}].loss_fn_inputs[{key!r}] has shape {tuple(tensor.shape)}; "
+                                          f"allowed: ({len(datum.model_input)},), one value per input token")
+            if key == "target_tokens":
+                if tensor.is_floating_point():
+                    raise InvalidRequestError(f"data[{i}].loss_fn_inputs['target_tokens'] is {tensor.dtype}; "
+                                              "allowed: integer token ids")
+                check_tokens(tensor.tolist(), vocab_size, f"data[{i}].loss_fn_inputs['target_tokens']")
+            elif not torch.isfinite(tensor.float()).all():
+                raise InvalidRequestError(f"data[{i}].loss_fn_inputs[{key!r}] has NaN or inf; allowed: finite numbers")
+
+
+def check_adam(adam: AdamParams) -> None:
+    rules = [
+        ("learning_rate", adam.learning_rate >= 0, ">= 0"),
+        ("beta1", 0 <= adam.beta1 < 1, "in [0, 1)"),
+        ("beta2", 0 <= adam.beta2 < 1, "in [0, 1)"),
+        ("eps", adam.eps > 0, "> 0"),
+        ("weight_decay", adam.weight_decay >= 0, ">= 0"),
+        ("grad_clip_norm", adam.grad_clip_norm >= 0, ">= 0 (0: no clipping)"),
+    ]
+    for name, ok, allowed in rules:
+        value = getattr(adam, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
+            raise InvalidRequestError(f"AdamParams.{name}={value!r}; allowed: {allowed}")
+
+
+def check_sampling(prompts: Sequence[Sequence[int]], num_samples: int, params: SamplingParams,
+                   vocab_size: int, max_len: int) -> None:
+    if not prompts:
+        raise InvalidRequestError("prompts is empty; allowed: a list of at least one prompt (token ids)")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise InvalidRequestError(f"num_samples={num_samples!r}; allowed: an integer >= 1")
+    rules = [
+        ("max_tokens", isinstance(params.max_tokens, int) and params.max_tokens >= 1, "an integer >= 1"),
+        ("temperature", params.temperature >= 0, ">= 0 (0: greedy)"),
+        ("top_p", 0 < params.top_p <= 1, "in (0, 1]"),
+        ("top_k", isinstance(params.top_k, int) and (params.top_k == -1 or params.top_k >= 1), "-1 (all) or >= 1"),
+    ]
+    for name, ok, allowed in rules:
+        if not ok:
+            raise InvalidRequestError(f"SamplingParams.{name}={getattr(params, name)!r}; allowed: {allowed}")
+    for s in params.stop:
+        if isinstance(s, str) and not s:
+            raise InvalidRequestError("SamplingParams.stop has an empty string; allowed: non-empty strings or token ids")
+    if params.stop_token_ids:
+        check_tokens(params.stop_token_ids, vocab_size, "SamplingParams.stop")
+    for i, prompt in enumerate(prompts):
+        check_tokens(prompt, vocab_size, f"prompts[{i}]")
+        # at least one position must be left to sample into
+        check_context(len(prompt), max_len - 1, f"prompts[{i}]")

@@ -1,0 +1,91 @@
+"""The interface every sampler implements, and the data the Trainer hands it.
+
+The contracts (shared/DESIGN.md): token ids in and out; each adapter version gets its own identity
+in the engine and a sample reports the version that produced it; capabilities are declared here,
+never guessed by the caller; sleep/wake is the Trainer's to call.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from colo.types import SampleResult, SamplingParams
+
+if TYPE_CHECKING:
+    from colo.config import Config
+    from colo.model import PolicyModel
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    in_memory_adapter_loading: bool  # takes a new version's tensors without touching the disk
+    runtime_adapter_loading: bool  # takes new adapters while running
+    sleep: bool  # can release its memory while training runs
+    shares_trainer_weights: bool  # samples from the trainer's own weights (no second copy)
+    multi_adapter_batch: bool  # serves several adapters in one batch
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    adapter: str
+    version: int
+
+
+@dataclass(frozen=True)
+class AdapterUpdate:
+    """A new adapter version: its weights in PEFT's format (keys ``base_model.model....lora_A.weight``)."""
+
+    key: AdapterVersion
+    peft_config: dict
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    prompt: list[int]
+    num_samples: int
+    params: SamplingParams
+    adapter: AdapterVersion | None  # None: the base model
+
+
+@dataclass
+class EngineContext:
+    """What an engine is built from. ``policy`` is the trainer's model (engines that share weights use it)."""
+
+    config: Config
+    model_path: str
+    policy: PolicyModel
+    max_model_len: int  # the configured length, cut to the model's positions
+
+
+class InferenceEngine(ABC):
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    def __init__(self, context: EngineContext) -> None:
+        self.context = context
+
+    @abstractmethod
+    def publish(self, update: AdapterUpdate) -> None:
+        """Make ``update`` servable; when this returns, a sample of that adapter uses these weights."""
+
+    @abstractmethod
+    def release(self, adapter: str) -> None:
+        """The adapter was deleted: forget every version of it (once in-flight requests are done)."""
+
+    @abstractmethod
+    def sample(self, requests: list[SampleRequest]) -> list[SampleResult]:
+        """One result per request, in order. Requests are already validated by the Trainer."""
+
+    def sleep(self, level: int) -> None:
+        """Release memory while training runs (engines with ``capabilities.sleep``)."""
+
+    def wake(self) -> None:
+        """Undo ``sleep`` before sampling."""
+
+    def shutdown(self) -> None:
+        """Release everything the engine holds."""

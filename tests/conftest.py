@@ -1,0 +1,49 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of waiting on the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_model import build_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def trainer(tiny_model_dir):
+    """One Trainer (pytorch engine, float32) for the whole session; tests delete what they create."""
+    from colo import Trainer
+
+    t = Trainer(model=str(tiny_model_dir), dtype="float32", engine="pytorch", device="cpu", max_lora_rank=16)
+    yield t
+    t.close()
+
+
+@pytest.fixture
+def adapter(trainer):
+    adapter_id = trainer.create_lora(rank=8, seed=1)
+    yield adapter_id
+    if adapter_id in trainer.adapters:
+        trainer.delete_lora(adapter_id)
+
+
+@pytest.fixture
+def make_adapter(trainer):
+    made = []
+
+    def make(**kwargs):
+        kwargs.setdefault("rank", 8)
+        made.append(trainer.create_lora(**kwargs))
+        return made[-1]
+
+    yield make
+    for a in made:
+        if a in trainer.adapters:
+            trainer.delete_lora(a)

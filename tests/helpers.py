@@ -1,0 +1,40 @@
+"""Small helpers shared by the tests."""
+
+import torch
+
+from colo import AdamParams, Datum
+
+
+def encode(trainer, text: str) -> list[int]:
+    return trainer.tokenizer.encode(text)
+
+
+def overfit(trainer, adapter: str, tokens: list[int], steps: int = 40, lr: float = 1e-2) -> None:
+    datum = Datum.from_sequence(tokens)
+    for _ in range(steps):
+        trainer.forward_backward(adapter, [datum])
+        trainer.optim_step(adapter, AdamParams(learning_rate=lr))
+
+
+def snapshot(trainer) -> dict:
+    """Every adapter's version, weights and optimizer state, copied."""
+    return {
+        a.id: (a.version, {k: p.detach().clone() for k, p in a.params.items()}, a.optimizer_tensors(),
+               {k: None if p.grad is None else p.grad.clone() for k, p in a.params.items()})
+        for a in trainer.adapters.values()
+    }
+
+
+def assert_same_snapshot(before: dict, after: dict) -> None:
+    assert before.keys() == after.keys()
+    for adapter_id, (version, weights, optim, grads) in before.items():
+        v2, w2, o2, g2 = after[adapter_id]
+        assert version == v2, adapter_id
+        assert weights.keys() == w2.keys()
+        for k in weights:
+            assert torch.equal(weights[k], w2[k]), (adapter_id, k)
+        assert optim.keys() == o2.keys()
+        for k in optim:
+            assert torch.equal(optim[k], o2[k]), (adapter_id, k)
+        for k in grads:
+            assert (grads[k] is None) == (g2[k] is None) and (grads[k] is None or torch.equal(grads[k], g2[k]))

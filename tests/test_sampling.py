@@ -1,0 +1,102 @@
+"""The pytorch engine: raw logprobs that agree with the trainer, and every sampling parameter."""
+
+import pytest
+
+from colo import SamplingParams
+from helpers import encode, overfit
+
+PROMPTS = ["the cat", "one two three", "what is", "hello world apple"]
+
+
+@pytest.fixture(scope="module")
+def trained(trainer):
+    a = trainer.create_lora(rank=8, seed=21)
+    overfit(trainer, a, encode(trainer, "the cat sat on a mat and ran to the big red tree"), steps=5, lr=5e-3)
+    yield a
+    trainer.delete_lora(a)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=12, temperature=1.0, seed=0),
+    SamplingParams(max_tokens=12, temperature=0.7, top_k=20, top_p=0.9, seed=1),
+], ids=["plain", "top_k_top_p"])
+def test_sampler_logprobs_equal_trainer_logprobs(trainer, trained, params):
+    prompts = [encode(trainer, p) for p in PROMPTS]
+    results = trainer.sample(trained, prompts, num_samples=3, params=params)
+    gaps = []
+    for prompt, result in zip(prompts, results):
+        assert len(result.sequences) == 3
+        for seq in result.sequences:
+            ours = trainer.compute_logprobs(trained, prompt + seq.tokens)[len(prompt):]
+            gaps += [abs(a - b) for a, b in zip(ours, seq.logprobs)]
+    # float32 everywhere; the only difference is KV-cached left-padded decoding vs one full forward
+    assert sum(gaps) / len(gaps) < 1e-3
+    assert max(gaps) < 1e-2
+
+
+def test_seed_makes_sampling_reproducible_and_batch_independent(trainer, trained):
+    p = encode(trainer, "the cat")
+    params = SamplingParams(max_tokens=10, seed=123)
+    alone = trainer.sample(trained, [p], 2, params)[0]
+    crowded = trainer.sample(trained, [encode(trainer, "one two three four five"), p], 2, params)[1]
+    assert [s.tokens for s in alone.sequences] == [s.tokens for s in crowded.sequences]
+    other = trainer.sample(trained, [p], 2, SamplingParams(max_tokens=10, seed=124))[0]
+    assert [s.tokens for s in other.sequences] != [s.tokens for s in alone.sequences]
+
+
+def test_top_k_one_is_greedy(trainer, trained):
+    p = [encode(trainer, "hello world")]
+    greedy = trainer.sample(trained, p, 1, SamplingParams(max_tokens=8, temperature=0))[0].sequences[0]
+    top1 = trainer.sample(trained, p, 2, SamplingParams(max_tokens=8, temperature=1.5, top_k=1, seed=3))[0]
+    assert all(s.tokens == greedy.tokens for s in top1.sequences)
+
+
+def test_max_tokens_and_length_stop(trainer, trained):
+    result = trainer.sample(trained, [encode(trainer, "the cat")], 2, SamplingParams(max_tokens=5, seed=0))[0]
+    for seq in result.sequences:
+        assert len(seq.tokens) <= 5
+        assert seq.stop_reason == ("length" if len(seq.tokens) == 5 else "stop")
+
+
+def test_stop_token_ends_the_sequence_and_is_kept(trainer, trained):
+    prompt = encode(trainer, "the cat")
+    greedy = trainer.sample(trained, [prompt], 1, SamplingParams(max_tokens=10, temperature=0))[0].sequences[0]
+    stop_token = greedy.tokens[3]
+    stopped = trainer.sample(trained, [prompt], 1,
+                             SamplingParams(max_tokens=10, temperature=0, stop=[stop_token]))[0].sequences[0]
+    first = greedy.tokens.index(stop_token)
+    assert stopped.tokens == greedy.tokens[: first + 1]
+    assert stopped.stop_reason == "stop"
+
+
+def test_stop_string_ends_the_sequence(trainer, trained):
+    prompt = encode(trainer, "the cat")
+    greedy = trainer.sample(trained, [prompt], 1, SamplingParams(max_tokens=10, temperature=0))[0].sequences[0]
+    text = trainer.tokenizer.decode(greedy.tokens)
+    stop = text.strip().split()[1]  # the second word the model writes
+    stopped = trainer.sample(trained, [prompt], 1,
+                             SamplingParams(max_tokens=10, temperature=0, stop=stop))[0].sequences[0]
+    assert stopped.stop_reason == "stop"
+    assert stop in trainer.tokenizer.decode(stopped.tokens)
+    assert stop not in trainer.tokenizer.decode(stopped.tokens[:-1])
+    assert stopped.tokens == greedy.tokens[: len(stopped.tokens)]
+
+
+def test_generation_stops_at_the_context_length(trainer, trained):
+    prompt = [5] * (trainer.max_len - 3)
+    seq = trainer.sample(trained, [prompt], 1, SamplingParams(max_tokens=50, seed=0))[0].sequences[0]
+    assert len(seq.tokens) <= 3
+
+
+def test_base_model_sampling_reports_no_adapter(trainer, trained):
+    result = trainer.sample(None, [encode(trainer, "the cat")], 1, SamplingParams(max_tokens=4, temperature=0))[0]
+    assert result.adapter is None and result.adapter_version is None
+    base = trainer.compute_logprobs(None, encode(trainer, "the cat") + result.sequences[0].tokens)
+    assert base[-4:] == pytest.approx(result.sequences[0].logprobs, abs=1e-4)
+
+
+def test_large_batches_are_split_without_losing_requests(trainer, trained, monkeypatch):
+    monkeypatch.setattr(trainer.engine, "max_batch_rows", 4)
+    prompts = [encode(trainer, p) for p in PROMPTS]
+    results = trainer.sample(trained, prompts, 3, SamplingParams(max_tokens=3, seed=5))
+    assert [len(r.sequences) for r in results] == [3] * len(PROMPTS)
