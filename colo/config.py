@@ -45,7 +45,7 @@ class Config(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="HTTP service port.")
     api_keys: str = Field("", description="Comma-separated `key:tenant` pairs for the HTTP service; empty: one open tenant.")
     checkpoint_dir: str = Field("~/.cache/colo/checkpoints", description="Where the service writes checkpoints.")
-    seed: int = Field(0, ge=0, description="Base seed for adapter initialisation and sampling.")
+    seed: int = Field(0, ge=0, description="Seed of adapters created without one (adapter n gets a seed derived from it).")
 
     @field_validator("engine")
     @classmethod

@@ -84,7 +84,7 @@ def _convert(root: Path, target: Path) -> None:
         # save_pretrained refuses a model that carries a GGUF quantization config: rebuild it plain.
         config = quantized.config
         del config.quantization_config
-        config.torch_dtype = torch.bfloat16
+        config.dtype = torch.bfloat16
         plain = type(quantized)(config)
         plain.load_state_dict(quantized.state_dict())
         plain.to(torch.bfloat16)

@@ -23,7 +23,7 @@ from colo.model import PolicyModel, resolve_device, resolve_dtype
 from colo.sleep import SleepControl
 from colo.types import (AdamParams, Datum, ForwardBackwardOutput, LoraConfig, OptimStepOutput, SampleResult,
                         SamplingParams)
-from colo.validation import check_adam, check_context, check_data, check_loss, check_sampling, check_tokens
+from colo.validation import as_tokens, check_adam, check_context, check_data, check_loss, check_sampling, check_tokens
 from engines.base import AdapterUpdate, AdapterVersion, EngineContext, SampleRequest
 from engines.registry import create_engine
 
@@ -120,7 +120,7 @@ class Trainer:
     def sample(self, adapter: str | None, prompts: Sequence[Sequence[int]], num_samples: int = 1,
                params: SamplingParams = SamplingParams()) -> list[SampleResult]:
         """``num_samples`` completions of each prompt, from ``adapter``'s newest version (None: base model)."""
-        prompts = [[int(t) for t in p] for p in prompts]
+        prompts = [as_tokens(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
         key = AdapterVersion(adapter, self._adapter(adapter).version) if adapter is not None else None
         check_sampling(prompts, num_samples, params, self.policy.vocab_size, self.max_len)
         self.sleep.before_sampling()
@@ -128,7 +128,7 @@ class Trainer:
 
     def compute_logprobs(self, adapter: str | None, tokens: Sequence[int]) -> list[float | None]:
         """logprob of each token given those before it; the first has none."""
-        tokens = [int(t) for t in tokens]
+        tokens = as_tokens(tokens, "tokens")
         if adapter is not None:
             self._adapter(adapter)
         check_tokens(tokens, self.policy.vocab_size, "tokens")

@@ -15,6 +15,18 @@ from colo.losses import LOSSES, LossSpec
 from colo.types import AdamParams, Datum, SamplingParams
 
 
+def as_tokens(values: Any, what: str) -> list[int]:
+    """``values`` as a list of int token ids, or an InvalidRequestError that says why not."""
+    try:
+        tokens = [int(v) for v in values]
+    except (TypeError, ValueError):
+        raise InvalidRequestError(f"{what} is not a list of token ids ({type(values).__name__}); "
+                                  "allowed: a list of integers") from None
+    if any(isinstance(v, float) and v != int(v) for v in values):
+        raise InvalidRequestError(f"{what} has a non-integer token id; allowed: integers")
+    return tokens
+
+
 def check_tokens(tokens: Sequence[int], vocab_size: int, what: str) -> None:
     if len(tokens) == 0:
         raise InvalidRequestError(f"{what} is empty; allowed: at least one token id")

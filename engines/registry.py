@@ -40,7 +40,10 @@ def engine_class(name: str) -> type[InferenceEngine]:
     if target is None:
         raise ConfigError(f"COLO_ENGINE={name!r}: unknown engine; allowed: auto, {', '.join(engine_names())}")
     module_name, _, attr = target.partition(":")
-    cls = getattr(importlib.import_module(module_name), attr)
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"COLO_ENGINE={name!r}: cannot load {target}: {e}") from None
     if not (isinstance(cls, type) and issubclass(cls, InferenceEngine)):
         raise ConfigError(f"COLO_ENGINE={name!r}: {target} is not an InferenceEngine subclass")
     return cls

