@@ -34,7 +34,7 @@ class Config(BaseSettings):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype: `auto` is bfloat16 (float32 where the device lacks bfloat16).")
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0, description="Share of GPU memory the vLLM engine may take.")
-    cpu_kvcache_space_gib: float = Field(1.0, gt=0.0, description="KV cache size of the vLLM engine on CPU (GiB).")
+    cpu_kvcache_space_gib: int = Field(1, ge=1, description="KV cache size of the vLLM engine on CPU, in whole GiB (passed on as VLLM_CPU_KVCACHE_SPACE).")
     max_loras: int = Field(4, ge=1, description="Adapters the engine may hold in one batch.")
     max_lora_rank: int = Field(64, ge=1, le=512, description="Largest LoRA rank `create_lora` accepts.")
     max_model_len: int = Field(2048, ge=16, description="Longest sequence (prompt + completion) in tokens.")

@@ -37,7 +37,11 @@ class AdapterVersion:
 
 @dataclass(frozen=True)
 class AdapterUpdate:
-    """A new adapter version: its weights in PEFT's format (keys ``base_model.model....lora_A.weight``)."""
+    """A new adapter version: its weights in PEFT's format (keys ``base_model.model....lora_A.weight``).
+
+    ``tensors`` are the trainer's live parameters, not copies: the next optim_step changes them in
+    place, so an engine that keeps weights must copy them before ``publish`` returns.
+    """
 
     key: AdapterVersion
     peft_config: dict
