@@ -5,10 +5,10 @@ from colo.errors import (CheckpointError, ColoError, ConfigError, ContextLengthE
                          InvalidRequestError, UnknownAdapterError)
 from colo.trainer import Trainer
 from colo.types import (AdamParams, Datum, ForwardBackwardOutput, LoraConfig, OptimStepOutput, SampledSequence,
-                        SampleResult, SamplingParams)
+                        SampleJob, SampleResult, SamplingParams)
 
 __all__ = [
     "AdamParams", "CheckpointError", "ColoError", "Config", "ConfigError", "ContextLengthError", "Datum",
     "EngineError", "ForwardBackwardOutput", "InvalidRequestError", "LoraConfig", "OptimStepOutput",
-    "SampleResult", "SampledSequence", "SamplingParams", "Trainer", "UnknownAdapterError",
+    "SampleJob", "SampleResult", "SampledSequence", "SamplingParams", "Trainer", "UnknownAdapterError",
 ]

@@ -21,8 +21,8 @@ from colo.default_model import resolve_model
 from colo.errors import CheckpointError, InvalidRequestError, UnknownAdapterError
 from colo.model import PolicyModel, resolve_device, resolve_dtype
 from colo.sleep import SleepControl
-from colo.types import (AdamParams, Datum, ForwardBackwardOutput, LoraConfig, OptimStepOutput, SampleResult,
-                        SamplingParams)
+from colo.types import (AdamParams, Datum, ForwardBackwardOutput, LoraConfig, OptimStepOutput, SampleJob,
+                        SampleResult, SamplingParams)
 from colo.validation import as_tokens, check_adam, check_context, check_data, check_loss, check_sampling, check_tokens
 from engines.base import AdapterUpdate, AdapterVersion, EngineContext, SampleRequest
 from engines.registry import create_engine
@@ -63,6 +63,7 @@ class Trainer:
         lora = LoraConfig(rank=rank, alpha=alpha, train_attn=train_attn, train_mlp=train_mlp,
                           train_unembed=train_unembed)
         self._check_lora(lora)
+        self._check_room()
         n = next(self._ids)
         # without a seed, adapter n of a run is still reproducible from COLO_SEED
         return self._add(f"lora-{n}", lora, seed if seed is not None else self.config.seed * 1_000_003 + n)
@@ -120,11 +121,24 @@ class Trainer:
     def sample(self, adapter: str | None, prompts: Sequence[Sequence[int]], num_samples: int = 1,
                params: SamplingParams = SamplingParams()) -> list[SampleResult]:
         """``num_samples`` completions of each prompt, from ``adapter``'s newest version (None: base model)."""
-        prompts = [as_tokens(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
-        key = AdapterVersion(adapter, self._adapter(adapter).version) if adapter is not None else None
-        check_sampling(prompts, num_samples, params, self.policy.vocab_size, self.max_len)
+        if adapter is not None:
+            self._adapter(adapter)
+        if not prompts:
+            check_sampling([], num_samples, params, self.policy.vocab_size, self.max_len)
+        return self.sample_batch([SampleJob(adapter, p, num_samples, params) for p in prompts])
+
+    def sample_batch(self, jobs: Sequence[SampleJob]) -> list[SampleResult]:
+        """Jobs of several adapters (and the base model) in one engine call; one result per job."""
+        requests = []
+        for i, job in enumerate(jobs):
+            key = AdapterVersion(job.adapter, self._adapter(job.adapter).version) if job.adapter is not None else None
+            prompt = as_tokens(job.prompt, f"prompts[{i}]")
+            check_sampling([prompt], job.num_samples, job.params, self.policy.vocab_size, self.max_len, index=i)
+            requests.append(SampleRequest(prompt, job.num_samples, job.params, key))
+        if not requests:
+            raise InvalidRequestError("no sampling jobs; allowed: at least one")
         self.sleep.before_sampling()
-        return self.engine.sample([SampleRequest(p, num_samples, params, key) for p in prompts])
+        return self.engine.sample(requests)
 
     def compute_logprobs(self, adapter: str | None, tokens: Sequence[int]) -> list[float | None]:
         """logprob of each token given those before it; the first has none."""
@@ -160,6 +174,7 @@ class Trainer:
             self._check_keys(path, ckpt, state)
             self._restore(state, ckpt)
             return adapter
+        self._check_room()
         adapter_id = self._add(f"lora-{next(self._ids)}", ckpt.lora, ckpt.seed, publish=False)
         state = self.adapters[adapter_id]
         try:
@@ -193,6 +208,12 @@ class Trainer:
         except (KeyError, TypeError):
             known = ", ".join(self.adapters) or "none yet (create_lora makes one)"
             raise UnknownAdapterError(f"unknown adapter {adapter!r}; known adapters: {known}") from None
+
+    def _check_room(self) -> None:
+        limit = self.engine.max_adapters
+        if limit is not None and len(self.adapters) >= limit:
+            raise InvalidRequestError(f"{len(self.adapters)} adapters are live; allowed: at most {limit} with the "
+                                      f"{self.engine.name} engine (COLO_MAX_LORAS); delete_lora one first")
 
     def _check_lora(self, lora: LoraConfig) -> None:
         if not isinstance(lora.rank, int) or not 1 <= lora.rank <= self.config.max_lora_rank:

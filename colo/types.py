@@ -90,6 +90,16 @@ class SamplingParams:
         return tuple(s for s in self.stop if isinstance(s, str))
 
 
+@dataclass(frozen=True)
+class SampleJob:
+    """One prompt to sample, for ``Trainer.sample_batch``: jobs of different adapters share one engine call."""
+
+    adapter: str | None  # None: the base model
+    prompt: Sequence[int]
+    num_samples: int = 1
+    params: SamplingParams = SamplingParams()
+
+
 @dataclass
 class SampledSequence:
     tokens: list[int]

@@ -101,7 +101,8 @@ def check_adam(adam: AdamParams) -> None:
 
 
 def check_sampling(prompts: Sequence[Sequence[int]], num_samples: int, params: SamplingParams,
-                   vocab_size: int, max_len: int) -> None:
+                   vocab_size: int, max_len: int, index: int = 0) -> None:
+    """``index`` is the position of ``prompts[0]`` in the caller's list, for the messages."""
     if not prompts:
         raise InvalidRequestError("prompts is empty; allowed: a list of at least one prompt (token ids)")
     if not isinstance(num_samples, int) or num_samples < 1:
@@ -120,7 +121,7 @@ def check_sampling(prompts: Sequence[Sequence[int]], num_samples: int, params: S
             raise InvalidRequestError("SamplingParams.stop has an empty string; allowed: non-empty strings or token ids")
     if params.stop_token_ids:
         check_tokens(params.stop_token_ids, vocab_size, "SamplingParams.stop")
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(prompts, start=index):
         check_tokens(prompt, vocab_size, f"prompts[{i}]")
         # at least one position must be left to sample into
         check_context(len(prompt), max_len - 1, f"prompts[{i}]")

@@ -14,6 +14,7 @@ ENTRY_POINT_GROUP = "colo.engines"
 
 BUILTIN: dict[str, str] = {
     "pytorch": "engines.pytorch_engine:PyTorchEngine",
+    "vllm": "engines.vllm_engine:VLLMEngine",
 }
 
 

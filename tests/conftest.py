@@ -47,3 +47,29 @@ def make_adapter(trainer):
     for a in made:
         if a in trainer.adapters:
             trainer.delete_lora(a)
+
+
+@pytest.fixture(scope="session")
+def vllm_trainer(tiny_model_dir):
+    """One Trainer on the real in-process vLLM engine (CPU build) for the whole session."""
+    from colo import Trainer
+
+    t = Trainer(model=str(tiny_model_dir), dtype="float32", engine="vllm", device="cpu", max_lora_rank=16,
+                max_loras=3)
+    yield t
+    t.close()
+
+
+@pytest.fixture
+def make_vllm_adapter(vllm_trainer):
+    made = []
+
+    def make(**kwargs):
+        kwargs.setdefault("rank", 8)
+        made.append(vllm_trainer.create_lora(**kwargs))
+        return made[-1]
+
+    yield make
+    for a in made:
+        if a in vllm_trainer.adapters:
+            vllm_trainer.delete_lora(a)

@@ -1,0 +1,204 @@
+"""The ``vllm`` engine: a vLLM engine in the Trainer's own process, sampling the adapters the
+Trainer trains, each version registered from memory the moment ``optim_step`` publishes it.
+
+- In-process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps vLLM's engine core in this process, so a
+  version's tensors reach the worker's LoRA cache by reference (``LLM.collective_rpc``), not by
+  file. Under torchrun the engine joins the launcher's process group (``external_launcher``).
+- Fresh identity per version (``engines.versions``): the prefix cache and the LoRA cache key on
+  the version's name and id, so a new version can never be served an old version's entries.
+- Raw logprobs (``logprobs_mode="raw_logprobs"``): the same numbers the trainer computes.
+- Sleep (CUDA only): level 1 offloads the weights and the LoRA slots to CPU and drops the KV cache;
+  waking restores them. Level 2 discards the weights, so waking reloads them from disk and empties
+  the LoRA slots, which are refilled from colo's copies on the next sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from colo.errors import EngineError
+from colo.types import SampledSequence, SampleResult
+from engines import vllm_lora
+from engines.base import AdapterUpdate, Capabilities, EngineContext, InferenceEngine, SampleRequest
+from engines.versions import Published, VersionTable
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+class VLLMEngine(InferenceEngine):
+    name = "vllm"
+
+    def __init__(self, context: EngineContext) -> None:
+        super().__init__(context)
+        config = context.config
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kvcache_space_gib))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # leave thread placement to torch
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        on_gpu = current_platform.is_cuda_alike()
+        self.capabilities = Capabilities(
+            in_memory_adapter_loading=vllm_lora.supported(),
+            runtime_adapter_loading=True,
+            sleep=on_gpu,
+            shares_trainer_weights=False,
+            multi_adapter_batch=True,
+        )
+        self.max_adapters = config.max_loras
+        kwargs = {}
+        if _under_torchrun():
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        self.llm = LLM(
+            model=context.model_path,
+            tokenizer=context.model_path,
+            dtype=_DTYPES[context.policy.dtype],  # the trainer's dtype: logprobs must agree
+            max_model_len=context.max_model_len,
+            enable_lora=True,
+            max_loras=config.max_loras,
+            max_lora_rank=config.max_lora_rank,
+            # the newest version of each adapter, plus one replaced version still finishing
+            max_cpu_loras=2 * config.max_loras,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            tensor_parallel_size=config.tensor_parallel_size,
+            enable_sleep_mode=on_gpu,
+            logprobs_mode="raw_logprobs",
+            enable_prefix_caching=True,
+            seed=config.seed,
+            **kwargs,
+        )
+        self.sleep_level: int | None = None
+        self.versions = VersionTable(release=self._unregister)
+        self._weights: dict[int, dict[str, torch.Tensor]] = {}  # int id -> colo's copy of the tensors
+        self._configs: dict[int, dict] = {}
+        self._dir = Path(tempfile.mkdtemp(prefix="colo-lora-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+        if not self.capabilities.in_memory_adapter_loading:
+            log.warning("vLLM %s is not one colo's in-memory LoRA path was checked against; adapter "
+                        "versions go through files in %s", _vllm_version(), self._dir)
+
+    # ---- adapter versions -----------------------------------------------------------------------
+
+    def publish(self, update: AdapterUpdate) -> None:
+        # copies: the trainer's parameters change in place at the next step
+        tensors = {k: v.detach().to("cpu", copy=True) for k, v in update.tensors.items()}
+        published = self.versions.add(update.key)
+        self._weights[published.int_id] = tensors
+        self._configs[published.int_id] = update.peft_config
+        if self.capabilities.in_memory_adapter_loading:
+            self._register(published)
+        else:
+            self._write(published)
+
+    def release(self, adapter: str) -> None:
+        self.versions.drop(adapter)
+
+    def _register(self, p: Published) -> None:
+        self.llm.collective_rpc(vllm_lora.register, args=(p.int_id, self._weights[p.int_id], self._configs[p.int_id]))
+
+    def _write(self, p: Published) -> None:
+        from colo.checkpoint import export_peft
+        from peft import LoraConfig
+
+        export_peft(self._dir / p.name, LoraConfig(**_peft_kwargs(self._configs[p.int_id])), self._weights[p.int_id])
+
+    def _unregister(self, p: Published) -> None:
+        self._weights.pop(p.int_id, None)
+        self._configs.pop(p.int_id, None)
+        self.llm.collective_rpc("remove_lora", args=(p.int_id,))
+        shutil.rmtree(self._dir / p.name, ignore_errors=True)
+
+    # ---- sampling -------------------------------------------------------------------------------
+
+    def sample(self, requests: list[SampleRequest]) -> list[SampleResult]:
+        from vllm import SamplingParams as VllmParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+
+        with self.versions.using([r.adapter for r in requests]) as held:
+            if self.capabilities.in_memory_adapter_loading:
+                self._reregister_evicted([p for p in held if p is not None])
+            prompts = [TokensPrompt(prompt_token_ids=r.prompt) for r in requests]
+            params = [self._params(r) for r in requests]
+            loras = [None if p is None else LoRARequest(p.name, p.int_id, str(self._dir / p.name)) for p in held]
+            outputs = self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+            results = []
+            for request, p, out in zip(requests, held, outputs):
+                sequences = []
+                for c in out.outputs * (request.num_samples if request.params.temperature == 0 else 1):
+                    if c.finish_reason not in ("stop", "length"):
+                        raise EngineError(f"vLLM ended a sequence with {c.finish_reason!r}")
+                    logprobs = [step[token].logprob for token, step in zip(c.token_ids, c.logprobs)]
+                    sequences.append(SampledSequence(list(c.token_ids), logprobs, c.finish_reason))
+                results.append(SampleResult(sequences, p.key.adapter if p else None, p.key.version if p else None))
+        return results
+
+    def _params(self, r: SampleRequest):
+        from vllm import SamplingParams as VllmParams
+
+        p = r.params
+        return VllmParams(
+            n=1 if p.temperature == 0 else r.num_samples,  # vLLM refuses n > 1 when greedy; they'd be equal
+            max_tokens=min(p.max_tokens, self.context.max_model_len - len(r.prompt)),
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k if p.top_k > 0 else 0,
+            stop=list(p.stop_strings) or None,
+            stop_token_ids=list(p.stop_token_ids) or None,
+            seed=p.seed,
+            logprobs=0,  # the sampled token's own logprob only
+            detokenize=bool(p.stop_strings),  # stop strings need text; nothing else does
+            skip_special_tokens=False,
+        )
+
+    def _reregister_evicted(self, held: list[Published]) -> None:
+        """vLLM's LoRA cache is an LRU: put back any version it dropped, so it never loads from a path."""
+        present = self.llm.collective_rpc(vllm_lora.registered)[0]
+        for p in {p.int_id: p for p in held}.values():
+            if p.int_id not in present:
+                self._register(p)
+
+    # ---- sleep ----------------------------------------------------------------------------------
+
+    def sleep(self, level: int) -> None:
+        self.llm.sleep(level=level)
+        self.sleep_level = level
+
+    def wake(self) -> None:
+        self.llm.wake_up()
+        if self.sleep_level == 2:
+            # the weights and the LoRA slots were discarded, not saved: reload the base weights and
+            # drop the LoRA cache, which the next sample refills from colo's copies
+            self.llm.collective_rpc("reload_weights")
+            for p in self.versions.live():
+                self.llm.collective_rpc("remove_lora", args=(p.int_id,))
+        self.llm.reset_prefix_cache()
+        self.sleep_level = None
+
+    def shutdown(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
+        self.llm = None
+
+
+def _peft_kwargs(config: dict) -> dict:
+    from peft import LoraConfig
+
+    fields = set(LoraConfig.__dataclass_fields__)
+    return {k: v for k, v in config.items() if k in fields}
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__

