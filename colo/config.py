@@ -39,7 +39,9 @@ class Config(BaseSettings):
     max_lora_rank: int = Field(64, ge=1, le=512, description="Largest LoRA rank `create_lora` accepts.")
     max_model_len: int = Field(2048, ge=16, description="Longest sequence (prompt + completion) in tokens.")
     sleep_level: Literal[0, 1, 2] = Field(
-        1, description="vLLM sleep level while training: 0 pauses scheduling only, 1 offloads weights and drops the KV cache, 2 drops both.")
+        1, description=("vLLM sleep level while training (CUDA): 0 pauses scheduling only; 1 offloads the weights "
+                        "to CPU and drops the KV cache (the default: nothing to reload); 2 drops both, and "
+                        "waking reloads the weights from disk (less host memory, slower wake)."))
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size.")
     host: str = Field("127.0.0.1", description="HTTP service bind address.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP service port.")

@@ -25,22 +25,26 @@ class SleepControl:
         self.last_reclaimed_bytes: int | None = None
         self._said_unsupported = False
 
-    def before_training(self) -> None:
+    def before_training(self) -> int | None:
+        """Put the engine to sleep if it is awake and can; the bytes this sleep freed, if measured."""
         if self.asleep:
-            return
+            return None
         if not self.engine.capabilities.sleep:
             if not self._said_unsupported:
-                log.info("engine %r does not sleep: training and sampling share memory (nothing to release)",
+                log.info("engine %r does not sleep here: training and sampling share memory (nothing to release)",
                          self.engine.name)
                 self._said_unsupported = True
-            return
+            return None
         free_before = device_free_bytes()
         self.engine.sleep(self.level)
         free_after = device_free_bytes()
         self.asleep = True
-        if free_before is not None and free_after is not None:
-            self.last_reclaimed_bytes = free_after - free_before
-            log.info("engine asleep (level %d): %.1f MiB reclaimed", self.level, self.last_reclaimed_bytes / 2**20)
+        if free_before is None or free_after is None:
+            return None
+        self.last_reclaimed_bytes = free_after - free_before
+        log.info("engine %r asleep (level %d): %.1f MiB reclaimed", self.engine.name, self.level,
+                 self.last_reclaimed_bytes / 2**20)
+        return self.last_reclaimed_bytes
 
     def before_sampling(self) -> None:
         if self.asleep:

@@ -263,8 +263,7 @@ class Trainer:
         self._adapter(adapter)
         spec, config = check_loss(loss_fn, loss_fn_config)
         check_data(data, spec, loss_fn, self.policy.vocab_size, self.max_len)
-        if backward:
-            self.sleep.before_training()
+        reclaimed = self.sleep.before_training() if backward else None
         device = self.policy.device
         with self.policy.active(adapter, train=backward) as model:
             logprobs = self.policy.token_logprobs(
@@ -275,7 +274,10 @@ class Trainer:
                 total = total + spec.fn(lp, inputs, config)
             if backward:
                 total.backward()
+        metrics = {"loss:sum": float(total.detach())}
+        if reclaimed is not None:
+            metrics["engine_sleep_reclaimed_bytes:sum"] = float(reclaimed)
         return ForwardBackwardOutput(
             loss_fn_outputs=[{"logprobs": lp.detach().cpu()} for lp in logprobs],
-            metrics={"loss:sum": float(total.detach())},
+            metrics=metrics,
         )

@@ -7,9 +7,10 @@ Trainer trains, each version registered from memory the moment ``optim_step`` pu
 - Fresh identity per version (``engines.versions``): the prefix cache and the LoRA cache key on
   the version's name and id, so a new version can never be served an old version's entries.
 - Raw logprobs (``logprobs_mode="raw_logprobs"``): the same numbers the trainer computes.
-- Sleep (CUDA only): level 1 offloads the weights and the LoRA slots to CPU and drops the KV cache;
-  waking restores them. Level 2 discards the weights, so waking reloads them from disk and empties
-  the LoRA slots, which are refilled from colo's copies on the next sample.
+- Sleep (CUDA only): level 1 (the default) offloads the weights to CPU and drops the KV cache;
+  level 2 discards the weights too, so waking reloads them from disk. After either, vLLM's LoRA
+  cache is emptied and refilled from colo's copies on the next sample, so no LoRA slot can come
+  back stale from a sleep.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class VLLMEngine(InferenceEngine):
             seed=config.seed,
             **kwargs,
         )
+        self.lora_dtype: torch.dtype = self.llm.llm_engine.vllm_config.lora_config.lora_dtype
         self.sleep_level: int | None = None
         self.versions = VersionTable(release=self._unregister)
         self._weights: dict[int, dict[str, torch.Tensor]] = {}  # int id -> colo's copy of the tensors
@@ -91,8 +93,9 @@ class VLLMEngine(InferenceEngine):
     # ---- adapter versions -----------------------------------------------------------------------
 
     def publish(self, update: AdapterUpdate) -> None:
-        # copies: the trainer's parameters change in place at the next step
-        tensors = {k: v.detach().to("cpu", copy=True) for k, v in update.tensors.items()}
+        # one copy, straight into vLLM's LoRA dtype: the trainer's parameters change in place at the
+        # next step, and vLLM's own dtype conversion then has nothing left to do
+        tensors = {k: v.detach().to("cpu", dtype=self.lora_dtype, copy=True) for k, v in update.tensors.items()}
         published = self.versions.add(update.key)
         self._weights[published.int_id] = tensors
         self._configs[published.int_id] = update.peft_config
@@ -176,13 +179,18 @@ class VLLMEngine(InferenceEngine):
         self.sleep_level = level
 
     def wake(self) -> None:
-        self.llm.wake_up()
         if self.sleep_level == 2:
-            # the weights and the LoRA slots were discarded, not saved: reload the base weights and
-            # drop the LoRA cache, which the next sample refills from colo's copies
+            # the weights were discarded, not saved: reload them before the KV cache takes memory
+            self.llm.wake_up(tags=["weights"])
             self.llm.collective_rpc("reload_weights")
-            for p in self.versions.live():
-                self.llm.collective_rpc("remove_lora", args=(p.int_id,))
+            self.llm.wake_up(tags=["kv_cache"])
+        else:
+            self.llm.wake_up()
+        # LoRA slots live in memory that sleep moved (level 1) or dropped (level 2), and a wake has
+        # been seen to leave them stale (vLLM #39934, #53888): empty vLLM's LoRA cache, so the next
+        # sample rewrites every slot from colo's copy of its version (about 3 ms an adapter)
+        for p in self.versions.live():
+            self.llm.collective_rpc("remove_lora", args=(p.int_id,))
         self.llm.reset_prefix_cache()
         self.sleep_level = None
 
