@@ -108,8 +108,8 @@ Machine: {machine()}.
 
 {table(headers, rows)}
 
-The in-memory path is **{ratio:.0f}x** faster than the disk path (ratio of medians); even with the
-files on tmpfs, a file round trip costs {statistics.median(times["tmpfs"]) / base:.0f}x more. What remains of the in-memory
+The in-memory path is **{ratio:.1f}x** faster than the disk path (ratio of medians); even with the
+files on tmpfs, a file round trip costs {statistics.median(times["tmpfs"]) / base:.1f}x more. What remains of the in-memory
 time is one copy of the adapter into vLLM's LoRA dtype (the trainer's parameters change in place at
 the next step, so vLLM cannot keep references to them) and vLLM building its `LoRAModel` from the
 tensors.
