@@ -60,6 +60,12 @@ class VLLMEngine(InferenceEngine):
         )
         self.max_adapters = config.max_loras
         kwargs = {}
+        if not on_gpu:
+            # with chunked prefill, vLLM rewinds a seeded request's generator when it splits the
+            # request's prefill, and a CPU generator cannot rewind ("CPU Generator does not use
+            # offset"): schedule whole prompts instead
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(context.max_model_len, 4096)
         if _under_torchrun():
             kwargs["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(

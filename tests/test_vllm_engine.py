@@ -179,3 +179,14 @@ def test_rank_above_max_lora_rank_and_prompt_longer_than_max_model_len(vllm_trai
     assert_same_snapshot(before, snapshot(vllm_trainer))
     seq = vllm_trainer.sample(adapter, [[5] * 250], 1, SamplingParams(max_tokens=50, seed=0))[0].sequences[0]
     assert len(seq.tokens) <= 6  # generation stops at the context
+
+
+def test_seeded_batch_larger_than_one_scheduler_step(vllm_trainer, make_vllm_adapter):
+    # vLLM splits a long prefill across steps when chunked prefill is on; for a seeded request it
+    # then rewinds the request's generator, which a CPU generator cannot do (RuntimeError)
+    adapter = make_vllm_adapter()
+    budget = vllm_trainer.engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    prompts = [[(7 * i + j) % 500 + 3 for j in range(200)] for i in range(budget // 200 + 4)]
+    results = vllm_trainer.sample(adapter, prompts, 2, SamplingParams(max_tokens=3, seed=11))
+    again = vllm_trainer.sample(adapter, prompts, 2, SamplingParams(max_tokens=3, seed=11))
+    assert [[s.tokens for s in r.sequences] for r in results] == [[s.tokens for s in r.sequences] for r in again]
