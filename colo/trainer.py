@@ -10,6 +10,7 @@ import itertools
 import logging
 import math
 import os
+import time
 from typing import Sequence
 
 import torch
@@ -58,7 +59,7 @@ class Trainer:
 
     # ---- adapters -------------------------------------------------------------------------------
 
-    def create_lora(self, rank: int = 32, alpha: float | None = None, seed: int | None = None,
+    def create_lora(self, rank: int = 16, alpha: float | None = None, seed: int | None = None,
                     train_attn: bool = True, train_mlp: bool = True, train_unembed: bool = False) -> str:
         lora = LoraConfig(rank=rank, alpha=alpha, train_attn=train_attn, train_mlp=train_mlp,
                           train_unembed=train_unembed)
@@ -112,9 +113,13 @@ class Trainer:
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.version += 1
+        started = time.perf_counter()
         self._publish(state)
-        return OptimStepOutput(adapter, state.version,
-                               {"grad_norm:mean": grad_norm, "learning_rate:mean": adam.learning_rate})
+        return OptimStepOutput(adapter, state.version, {
+            "grad_norm:mean": grad_norm,
+            "learning_rate:mean": adam.learning_rate,
+            "publish_seconds:sum": time.perf_counter() - started,
+        })
 
     # ---- sampling and scoring -------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ class Datum:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    rank: int = 32
+    rank: int = 16
     alpha: float | None = None  # None: equal to rank (scale 1)
     train_attn: bool = True
     train_mlp: bool = True

@@ -60,6 +60,10 @@ class VLLMEngine(InferenceEngine):
         )
         self.max_adapters = config.max_loras
         kwargs = {}
+        if not on_gpu and not vllm_lora.install_cpu_ops():
+            log.warning("vLLM %s: colo's CPU LoRA ops are not installed (version not checked); LoRA sampling "
+                        "is slow and base-model requests batched with %d adapters may get one applied",
+                        _vllm_version(), config.max_loras)
         if not on_gpu:
             # with chunked prefill, vLLM rewinds a seeded request's generator when it splits the
             # request's prefill, and a CPU generator cannot rewind ("CPU Generator does not use

@@ -1,11 +1,20 @@
-"""Registering a LoRA version with vLLM's worker from tensors in memory: the one place that touches
-vLLM's private LoRA internals, checked against the versions it was written for.
+"""The one place that touches vLLM's private LoRA internals, checked against the versions it was
+written for.
+
+1. Registering a LoRA version with vLLM's worker from tensors in memory.
 
 vLLM only loads adapters from a directory (``LoRARequest.lora_path``). Its worker, though, skips
 the load when the request's ``lora_int_id`` is already in its LoRA cache; this module puts the
 version there, built with ``LoRAModel.from_lora_tensors``, before any request names it. Where the
 installed vLLM is not one this was checked against, ``supported()`` is False and the engine
 writes each version to a directory instead.
+
+2. vLLM's LoRA ops for CPU (``vllm.lora.ops.torch_ops``), replaced by ``install_cpu_ops``. Theirs
+gather a copy of the adapter's matrix for every token (``weights[indices]``: tokens x rank x hidden
+per layer), which made LoRA prefill 12x slower than the base model's and grew memory by gigabytes,
+and they read index -1 ("no LoRA") as the last slot, applying that adapter to base-model requests
+batched beside a full set of adapters. Colo's do one matmul per adapter over its tokens and leave
+-1 tokens alone.
 """
 
 from __future__ import annotations
@@ -64,3 +73,85 @@ def unregister(worker, lora_int_id: int) -> None:
 
 def registered(worker) -> set[int]:
     return set(_manager(worker).list_adapters())
+
+
+# ---- CPU LoRA ops -------------------------------------------------------------------------------
+
+def _lora_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``out[t] = weights[indices[t]] @ inputs[t]``, zero where ``indices[t] < 0``; weights (L, [1,] O, I)."""
+    if weights.dim() == 4:
+        weights = weights.squeeze(1)
+    x = inputs.to(dtype)
+    out = torch.zeros(x.shape[0], weights.shape[1], dtype=dtype, device=x.device)
+    for index in torch.unique(indices).tolist():
+        if index < 0:
+            continue
+        w = weights[index].to(dtype)
+        if x.shape[0] == indices.shape[0] and bool((indices == index).all()):
+            return x @ w.T
+        rows = (indices == index).nonzero().squeeze(1)
+        out[rows] = x[rows] @ w.T
+    return out
+
+
+def _bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling=1.0):
+    outputs = _lora_matmul(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
+    output_tensor[:, : outputs.shape[1]] = scaling * outputs
+
+
+def _bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True):
+    outputs = _lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    limit = 1 if outputs.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
+    common = min(outputs.shape[1], output_tensor.shape[1])  # the two may pad differently
+    if add_inputs:
+        output_tensor[:, :common] += outputs[:limit, :common]
+    else:
+        output_tensor[:, :common] = outputs[:limit, :common]
+
+
+def _bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size,
+                       add_inputs=True):
+    outputs = _lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    if add_inputs:
+        output_tensor[:, slice_offset: slice_offset + slice_size] += outputs
+    else:
+        output_tensor[:, slice_offset: slice_offset + slice_size] = outputs
+
+
+def _per_token(indices: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    return torch.repeat_interleave(indices, seq_lens)
+
+
+def _sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                 batches, max_seq_length, token_nums, scaling):
+    _bgmv_shrink(inputs, lora_a_weights, output_tensor, _per_token(lora_indices_tensor, seq_len_tensor), scaling)
+
+
+def _sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                 batches, max_seq_length, token_nums, add_inputs=False):
+    _bgmv_expand(inputs, lora_b_weights, output_tensor, _per_token(lora_indices_tensor, seq_len_tensor), add_inputs)
+
+
+def _sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                       batches, max_seq_length, token_nums, slice_offset, slice_size, add_inputs=False):
+    _bgmv_expand_slice(inputs, lora_b_weights, output_tensor, _per_token(lora_indices_tensor, seq_len_tensor),
+                       slice_offset, slice_size, add_inputs)
+
+
+CPU_OPS = {
+    "bgmv_shrink": _bgmv_shrink, "bgmv_expand": _bgmv_expand, "bgmv_expand_slice": _bgmv_expand_slice,
+    "sgmv_shrink": _sgmv_shrink, "sgmv_expand": _sgmv_expand, "sgmv_expand_slice": _sgmv_expand_slice,
+}
+
+
+def install_cpu_ops() -> bool:
+    """Point vLLM's CPU punica wrapper at colo's LoRA ops; False where this vLLM was not checked."""
+    if not supported():
+        return False
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    if not all(callable(getattr(punica_cpu, name, None)) for name in CPU_OPS):
+        return False
+    for name, fn in CPU_OPS.items():
+        setattr(punica_cpu, name, fn)
+    return True

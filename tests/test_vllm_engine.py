@@ -190,3 +190,18 @@ def test_seeded_batch_larger_than_one_scheduler_step(vllm_trainer, make_vllm_ada
     results = vllm_trainer.sample(adapter, prompts, 2, SamplingParams(max_tokens=3, seed=11))
     again = vllm_trainer.sample(adapter, prompts, 2, SamplingParams(max_tokens=3, seed=11))
     assert [[s.tokens for s in r.sequences] for r in results] == [[s.tokens for s in r.sequences] for r in again]
+
+
+def test_base_model_in_a_batch_whose_lora_slots_are_all_taken(vllm_trainer, make_vllm_adapter):
+    # vLLM's CPU LoRA ops read index -1 ("no LoRA") as the last slot: the base model's tokens would
+    # get the last adapter's delta when every slot holds an adapter
+    while len(vllm_trainer.adapters) < 3:
+        make_vllm_adapter()
+    for adapter in vllm_trainer.adapters:
+        overfit(vllm_trainer, adapter, encode(vllm_trainer, SEQ_B), steps=3, lr=2e-2)
+    prompt = encode(vllm_trainer, SEQ_A)[:6]
+    params = SamplingParams(max_tokens=8, seed=4)
+    jobs = [SampleJob(a, prompt, 1, params) for a in vllm_trainer.adapters] + [SampleJob(None, prompt, 2, params)]
+    results = vllm_trainer.sample_batch(jobs)
+    for job, result in zip(jobs, results):
+        assert max(gaps_of(vllm_trainer, job.adapter, [prompt], [result])) < TOLERANCE, job.adapter
