@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -20,16 +20,18 @@ ifeq ($(EXTRA),cpu)
 endif
 	touch $@
 
-# The main job, on the embedded default model (CPU when there is no GPU).
+# The main job: GRPO on the embedded default model through the colocated vLLM engine (CPU when
+# there is no GPU); writes runs/grpo_arithmetic/{metrics.jsonl,reward_accuracy.png,summary.json}.
 demo: setup
-	$(BIN)/torchrun --nproc_per_node=1 examples/quickstart.py
+	$(BIN)/torchrun --nproc_per_node=1 examples/grpo_arithmetic.py
 
-# The test suite, without the learning tests marked slow.
+# The whole test suite, the learning tests marked slow included.
 test: setup
-	$(BIN)/python -m pytest -m "not slow"
-
-test-all: setup
 	$(BIN)/python -m pytest
+
+# The suite without the learning tests marked slow: for quick iterations.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

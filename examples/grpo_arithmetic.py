@@ -1,4 +1,4 @@
-"""GRPO on single-digit addition, sampled through the colocated vLLM engine.
+"""GRPO on small-number addition, sampled through the colocated vLLM engine.
 
 Each step: sample a group of completions per question from the adapter's newest version, reward
 the exact answer, centre rewards within each group (group-relative advantages), train with the
@@ -30,22 +30,27 @@ from colo import AdamParams, Datum, SamplingParams, Trainer
 
 @dataclass
 class Settings:
-    steps: int = 40
+    steps: int = 20
     questions_per_step: int = 8
     group_size: int = 8
     max_tokens: int = 12
     learning_rate: float = 5e-4
     rank: int = 16
-    held_out: int = 30  # (a, b) pairs never trained on
-    eval_every: int = 10
+    max_operand: int = 19  # questions "What is a + b?" with a, b in 0..max_operand
+    held_out: int = 40  # unordered pairs {a, b} never trained on, in either order
+    eval_every: int = 5
     seed: int = 0
     out: str = "runs/grpo_arithmetic"
 
 
 # ---- the task ---------------------------------------------------------------------------------
 
-def all_questions() -> list[tuple[int, int]]:
-    return [(a, b) for a in range(10) for b in range(10)]
+def split_questions(max_operand: int, held_out: int, rng: random.Random):
+    """(train, held-out) questions; a held-out pair is held out in both orders (a + b and b + a)."""
+    pairs = [(a, b) for a in range(max_operand + 1) for b in range(a, max_operand + 1)]
+    rng.shuffle(pairs)
+    both_orders = lambda ps: sorted({q for a, b in ps for q in ((a, b), (b, a))})  # noqa: E731
+    return both_orders(pairs[held_out:]), both_orders(pairs[:held_out])
 
 
 def prompt_tokens(tokenizer, a: int, b: int) -> list[int]:
@@ -152,7 +157,7 @@ def plot(rows: list[dict], evals: list[tuple[int, float]], path: Path) -> None:
     ax.plot([s for s, _ in evals], [a for _, a in evals], "o-", label="held-out accuracy (greedy)")
     ax.set_xlabel("step")
     ax.set_ylim(0, 1)
-    ax.set_title("GRPO on single-digit addition, SmolLM2-135M-Instruct + LoRA")
+    ax.set_title("GRPO on addition, SmolLM2-135M-Instruct + LoRA (colocated vLLM)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -168,9 +173,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     rng = random.Random(settings.seed)
-    questions = all_questions()
-    rng.shuffle(questions)
-    held_out, train = questions[: settings.held_out], questions[settings.held_out:]
+    train, held_out = split_questions(settings.max_operand, settings.held_out, rng)
 
     trainer = Trainer.from_env()
     adapter = trainer.create_lora(rank=settings.rank, seed=settings.seed)
