@@ -49,10 +49,6 @@ class LoraConfig:
     train_mlp: bool = True
     train_unembed: bool = False
 
-    @property
-    def scale(self) -> float:
-        return (self.alpha if self.alpha is not None else self.rank) / self.rank
-
 
 @dataclass(frozen=True)
 class AdamParams:

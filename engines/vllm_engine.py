@@ -135,7 +135,6 @@ class VLLMEngine(InferenceEngine):
     # ---- sampling -------------------------------------------------------------------------------
 
     def sample(self, requests: list[SampleRequest]) -> list[SampleResult]:
-        from vllm import SamplingParams as VllmParams
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest
 

@@ -164,11 +164,16 @@ def plot(rows: list[dict], evals: list[tuple[int, float]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, default in asdict(Settings()).items():
+def parse_settings(cls, description: str):
+    """A command-line flag for each field of the settings dataclass ``cls``."""
+    parser = argparse.ArgumentParser(description=description)
+    for name, default in asdict(cls()).items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
-    settings = Settings(**vars(parser.parse_args()))
+    return cls(**vars(parser.parse_args()))
+
+
+def main() -> None:
+    settings = parse_settings(Settings, __doc__.splitlines()[0])
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -11,7 +11,6 @@ before and after.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 
 from colo import AdamParams, Datum, Trainer
 from grpo_arithmetic import Settings as TaskSettings
-from grpo_arithmetic import accuracy, prompt_tokens, split_questions
+from grpo_arithmetic import accuracy, parse_settings, prompt_tokens, split_questions
 
 
 @dataclass
@@ -61,10 +60,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, default in asdict(Settings()).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
-    settings = Settings(**vars(parser.parse_args()))
+    settings = parse_settings(Settings, __doc__.splitlines()[0])
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
 

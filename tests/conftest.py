@@ -34,8 +34,8 @@ def adapter(trainer):
         trainer.delete_lora(adapter_id)
 
 
-@pytest.fixture
-def make_adapter(trainer):
+def adapter_factory(trainer):
+    """A function that creates adapters on ``trainer``; every one it made is deleted afterwards."""
     made = []
 
     def make(**kwargs):
@@ -47,6 +47,11 @@ def make_adapter(trainer):
     for a in made:
         if a in trainer.adapters:
             trainer.delete_lora(a)
+
+
+@pytest.fixture
+def make_adapter(trainer):
+    yield from adapter_factory(trainer)
 
 
 @pytest.fixture(scope="session")
@@ -62,14 +67,4 @@ def vllm_trainer(tiny_model_dir):
 
 @pytest.fixture
 def make_vllm_adapter(vllm_trainer):
-    made = []
-
-    def make(**kwargs):
-        kwargs.setdefault("rank", 8)
-        made.append(vllm_trainer.create_lora(**kwargs))
-        return made[-1]
-
-    yield make
-    for a in made:
-        if a in vllm_trainer.adapters:
-            vllm_trainer.delete_lora(a)
+    yield from adapter_factory(vllm_trainer)
