@@ -104,11 +104,17 @@ class VLLMEngine(InferenceEngine):
 
     def publish(self, update: AdapterUpdate) -> None:
         # one copy, straight into vLLM's LoRA dtype: the trainer's parameters change in place at the
-        # next step, and vLLM's own dtype conversion then has nothing left to do
-        tensors = {k: v.detach().to("cpu", dtype=self.lora_dtype, copy=True) for k, v in update.tensors.items()}
+        # next step, and vLLM's own dtype conversion then has nothing left to do. The alpha/rank scale
+        # is folded into lora_B here, and vLLM told alpha = rank: vLLM would fold it itself, in place,
+        # into the tensors colo keeps, and compound it each time a version is registered again.
+        config = update.peft_config
+        assert not config.get("use_rslora") and not config.get("alpha_pattern"), "colo never sets these"
+        scale = config["lora_alpha"] / config["r"]
+        tensors = {k: (v.detach() * scale if scale != 1 and ".lora_B." in k else v.detach())
+                   .to("cpu", dtype=self.lora_dtype, copy=True) for k, v in update.tensors.items()}
         published = self.versions.add(update.key)
         self._weights[published.int_id] = tensors
-        self._configs[published.int_id] = update.peft_config
+        self._configs[published.int_id] = {**config, "lora_alpha": config["r"]}
         if self.capabilities.in_memory_adapter_loading:
             self._register(published)
         else:

@@ -205,3 +205,16 @@ def test_base_model_in_a_batch_whose_lora_slots_are_all_taken(vllm_trainer, make
     results = vllm_trainer.sample_batch(jobs)
     for job, result in zip(jobs, results):
         assert max(gaps_of(vllm_trainer, job.adapter, [prompt], [result])) < TOLERANCE, job.adapter
+
+
+def test_alpha_other_than_rank_survives_re_registration(vllm_trainer, make_vllm_adapter):
+    # vLLM folds alpha/rank into lora_b in place when it registers a version; colo registers a
+    # version again after every wake and after an LRU eviction, so the scale must not compound
+    adapter = make_vllm_adapter(rank=8, alpha=32, seed=9)  # scale 4
+    overfit(vllm_trainer, adapter, encode(vllm_trainer, SEQ_A), steps=3, lr=1e-2)
+    prompts = [encode(vllm_trainer, p) for p in PROMPTS]
+    for _ in range(3):
+        results = vllm_trainer.sample(adapter, prompts, 2, SamplingParams(max_tokens=6, seed=2))
+        assert max(gaps_of(vllm_trainer, adapter, prompts, results)) < TOLERANCE
+        vllm_trainer.engine.sleep(1)
+        vllm_trainer.engine.wake()  # empties vLLM's LoRA cache: the next sample registers again
