@@ -111,8 +111,9 @@ Machine: {machine()}.
 The in-memory path is **{ratio:.1f}x** faster than the disk path (ratio of medians); even with the
 files on tmpfs, a file round trip costs {statistics.median(times["tmpfs"]) / base:.1f}x more. What remains of the in-memory
 time is one copy of the adapter into vLLM's LoRA dtype (the trainer's parameters change in place at
-the next step, so vLLM cannot keep references to them) and vLLM building its `LoRAModel` from the
-tensors.
+the next step, so vLLM cannot keep references to them) and vLLM adding the version to its cache
+(packing q/k/v and gate/up); parsing the tensor names (2 ms) is done for an adapter's first version
+only, later versions reuse its layout.
 
 Command: `.venv/bin/python benchmarks/adapter_sync.py --repeats {args.repeats}`
 """)

@@ -77,6 +77,7 @@ def test_every_sample_uses_the_newest_version_over_fifty_steps(vllm_trainer, mak
         published = vllm_trainer.engine.versions.latest(adapter)
         assert published.int_id not in seen_ids  # a fresh vLLM id for every version
         seen_ids.add(published.int_id)
+    assert vllm_lora._layouts  # versions after the first were built from the cached layout
     # replaced versions were released: vLLM holds one version of each live adapter
     live = {p.int_id for p in vllm_trainer.engine.versions.live()}
     assert registered_ids(vllm_trainer) == live
