@@ -22,7 +22,6 @@ class SleepControl:
         self.engine = engine
         self.level = level
         self.asleep = False
-        self.last_reclaimed_bytes: int | None = None
         self._said_unsupported = False
 
     def before_training(self) -> int | None:
@@ -41,10 +40,9 @@ class SleepControl:
         self.asleep = True
         if free_before is None or free_after is None:
             return None
-        self.last_reclaimed_bytes = free_after - free_before
-        log.info("engine %r asleep (level %d): %.1f MiB reclaimed", self.engine.name, self.level,
-                 self.last_reclaimed_bytes / 2**20)
-        return self.last_reclaimed_bytes
+        reclaimed = free_after - free_before
+        log.info("engine %r asleep (level %d): %.1f MiB reclaimed", self.engine.name, self.level, reclaimed / 2**20)
+        return reclaimed
 
     def before_sampling(self) -> None:
         if self.asleep:

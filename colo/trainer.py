@@ -128,20 +128,18 @@ class Trainer:
         """``num_samples`` completions of each prompt, from ``adapter``'s newest version (None: base model)."""
         if adapter is not None:
             self._adapter(adapter)
-        if not prompts:
-            check_sampling([], num_samples, params, self.policy.vocab_size, self.max_len)
         return self.sample_batch([SampleJob(adapter, p, num_samples, params) for p in prompts])
 
     def sample_batch(self, jobs: Sequence[SampleJob]) -> list[SampleResult]:
         """Jobs of several adapters (and the base model) in one engine call; one result per job."""
+        if not jobs:
+            raise InvalidRequestError("prompts is empty; allowed: a list of at least one prompt (token ids)")
         requests = []
         for i, job in enumerate(jobs):
             key = AdapterVersion(job.adapter, self._adapter(job.adapter).version) if job.adapter is not None else None
             prompt = as_tokens(job.prompt, f"prompts[{i}]")
             check_sampling([prompt], job.num_samples, job.params, self.policy.vocab_size, self.max_len, index=i)
             requests.append(SampleRequest(prompt, job.num_samples, job.params, key))
-        if not requests:
-            raise InvalidRequestError("no sampling jobs; allowed: at least one")
         self.sleep.before_sampling()
         return self.engine.sample(requests)
 

@@ -103,8 +103,6 @@ def check_adam(adam: AdamParams) -> None:
 def check_sampling(prompts: Sequence[Sequence[int]], num_samples: int, params: SamplingParams,
                    vocab_size: int, max_len: int, index: int = 0) -> None:
     """``index`` is the position of ``prompts[0]`` in the caller's list, for the messages."""
-    if not prompts:
-        raise InvalidRequestError("prompts is empty; allowed: a list of at least one prompt (token ids)")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise InvalidRequestError(f"num_samples={num_samples!r}; allowed: an integer >= 1")
     rules = [
