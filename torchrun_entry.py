@@ -1,8 +1,10 @@
-"""Entry point: ``torchrun --nproc_per_node=1 torchrun_entry.py``.
+"""The service: ``torchrun --nproc_per_node=1 torchrun_entry.py``.
 
-Reads the ``COLO_*`` configuration (a bad value stops here, with one line) and builds the Trainer
-with its engine. The Tinker-API HTTP service that it will serve on COLO_HOST:COLO_PORT is not built
-yet; until then this checks that the configured model and engine start.
+Reads the ``COLO_*`` configuration (a bad value stops here, with one line), builds the Trainer with
+its engine, and serves the Tinker API on COLO_HOST:COLO_PORT (127.0.0.1:8000 by default) until
+SIGTERM or Ctrl-C. Shutting down, it stops taking requests, lets the running job finish, answers
+the queued ones with an error, and releases the engine; checkpoints are written atomically, so none
+is left half-written.
 """
 
 import sys
@@ -12,22 +14,35 @@ def main() -> int:
     from colo.errors import ConfigError
 
     try:
+        from colo.checkpoint_store import CheckpointStore
         from colo.config import Config
+        from colo.tenants import Tenants
 
         config = Config()
+        tenants = Tenants(config.api_key_tenants())
     except ConfigError as e:
         print(f"colo: {e}", file=sys.stderr)
         return 2
 
     import logging
 
+    import uvicorn
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from colo.service import Service, create_app
     from colo.trainer import Trainer
 
-    with Trainer(config) as trainer:
-        print(f"colo: model {trainer.model_path} and engine {trainer.engine.name} are ready; "
-              "the HTTP service is not available in this version", file=sys.stderr)
-    return 1
+    trainer = Trainer(config)
+    service = Service(trainer, tenants, CheckpointStore(config.checkpoint_dir))
+    if tenants.open and config.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.warning("colo: serving %s with no COLO_API_KEYS: anyone who reaches it can train and sample",
+                        config.host)
+    logging.info("colo: serving the Tinker API on http://%s:%d (model %s, engine %s)", config.host, config.port,
+                 service.model_name, trainer.engine.name)
+    # a long poll still open at shutdown is cut after 5 s
+    uvicorn.run(create_app(service), host=config.host, port=config.port, log_level="warning",
+                timeout_graceful_shutdown=5)
+    return 0
 
 
 if __name__ == "__main__":

@@ -134,14 +134,19 @@ class Trainer:
         """Jobs of several adapters (and the base model) in one engine call; one result per job."""
         if not jobs:
             raise InvalidRequestError("prompts is empty; allowed: a list of at least one prompt (token ids)")
-        requests = []
-        for i, job in enumerate(jobs):
-            key = AdapterVersion(job.adapter, self._adapter(job.adapter).version) if job.adapter is not None else None
-            prompt = as_tokens(job.prompt, f"prompts[{i}]")
-            check_sampling([prompt], job.num_samples, job.params, self.policy.vocab_size, self.max_len, index=i)
-            requests.append(SampleRequest(prompt, job.num_samples, job.params, key))
+        requests = [self._sample_request(job, i) for i, job in enumerate(jobs)]
         self.sleep.before_sampling()
         return self.engine.sample(requests)
+
+    def check_sample_job(self, job: SampleJob) -> None:
+        """Raise the error ``sample_batch`` would raise for this job alone."""
+        self._sample_request(job, 0)
+
+    def _sample_request(self, job: SampleJob, i: int) -> SampleRequest:
+        key = AdapterVersion(job.adapter, self._adapter(job.adapter).version) if job.adapter is not None else None
+        prompt = as_tokens(job.prompt, f"prompts[{i}]")
+        check_sampling([prompt], job.num_samples, job.params, self.policy.vocab_size, self.max_len, index=i)
+        return SampleRequest(prompt, job.num_samples, job.params, key, job.prompt_logprobs)
 
     def compute_logprobs(self, adapter: str | None, tokens: Sequence[int]) -> list[float | None]:
         """logprob of each token given those before it; the first has none."""
@@ -166,9 +171,14 @@ class Trainer:
                           optimizer=state.optimizer_tensors() if optimizer else {})
         return str(save_checkpoint(path, ckpt))
 
-    def load_state(self, path: str | os.PathLike, adapter: str | None = None) -> str:
-        """Load a checkpoint into a new adapter (or over ``adapter``, which must have the same shape)."""
+    def load_state(self, path: str | os.PathLike, adapter: str | None = None, optimizer: bool = True) -> str:
+        """Load a checkpoint into a new adapter (or over ``adapter``, which must have the same shape).
+
+        ``optimizer=False`` takes the weights only and starts AdamW afresh.
+        """
         ckpt = load_checkpoint(path)
+        if not optimizer:
+            ckpt.optimizer = {}
         self._check_lora(ckpt.lora)
         if adapter is not None:
             state = self._adapter(adapter)

@@ -94,6 +94,7 @@ class SampleJob:
     prompt: Sequence[int]
     num_samples: int = 1
     params: SamplingParams = SamplingParams()
+    prompt_logprobs: bool = False  # also score the prompt's own tokens
 
 
 @dataclass
@@ -110,6 +111,7 @@ class SampleResult:
     sequences: list[SampledSequence]
     adapter: str | None
     adapter_version: int | None
+    prompt_logprobs: list[float | None] | None = None  # when asked: one per prompt token, the first None
 
 
 @dataclass

@@ -54,6 +54,7 @@ class SampleRequest:
     num_samples: int
     params: SamplingParams
     adapter: AdapterVersion | None  # None: the base model
+    prompt_logprobs: bool = False  # also return the logprob of each prompt token (the first has none)
 
 
 @dataclass

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import torch
+
 from colo.types import SampleResult
 from engines.base import AdapterUpdate, Capabilities, InferenceEngine, SampleRequest
 from engines.generation import Row, generate, request_generator, to_sequence
@@ -42,6 +44,7 @@ class PyTorchEngine(InferenceEngine):
             by_adapter[req.adapter.adapter if req.adapter else None].append(i)
 
         results: list[SampleResult | None] = [None] * len(requests)
+        prompt_logprobs: dict[int, list[float | None]] = {}
         for adapter, indices in by_adapter.items():
             rows: list[Row] = []
             groups: list[list[int]] = []
@@ -57,9 +60,17 @@ class PyTorchEngine(InferenceEngine):
                     local = [[j - start for j in g] for g in chunk_groups]
                     generate(model, chunk, local, policy.pad_token_id, policy.eos_token_ids,
                              policy.tokenizer, policy.device)
+                scored = [i for i in indices if requests[i].prompt_logprobs and len(requests[i].prompt) > 1]
+                if scored:
+                    with torch.no_grad():
+                        lps = policy.token_logprobs(model, [requests[i].prompt[:-1] for i in scored],
+                                                    [requests[i].prompt[1:] for i in scored])
+                    prompt_logprobs = {i: [None, *lp.tolist()] for i, lp in zip(scored, lps)}
             version = self.versions.get(adapter) if adapter else None
             for i, group in zip(indices, groups):
-                results[i] = SampleResult([to_sequence(rows[j]) for j in group], adapter, version)
+                wanted = requests[i].prompt_logprobs
+                results[i] = SampleResult([to_sequence(rows[j]) for j in group], adapter, version,
+                                          prompt_logprobs.get(i, [None]) if wanted else None)
         return results  # type: ignore[return-value]
 
 

@@ -159,7 +159,12 @@ class VLLMEngine(InferenceEngine):
                         raise EngineError(f"vLLM ended a sequence with {c.finish_reason!r}")
                     logprobs = [step[token].logprob for token, step in zip(c.token_ids, c.logprobs)]
                     sequences.append(SampledSequence(list(c.token_ids), logprobs, c.finish_reason))
-                results.append(SampleResult(sequences, p.key.adapter if p else None, p.key.version if p else None))
+                prompt_logprobs = None
+                if request.prompt_logprobs:
+                    prompt_logprobs = [None] + [step[token].logprob for token, step in
+                                                zip(request.prompt[1:], out.prompt_logprobs[1:])]
+                results.append(SampleResult(sequences, p.key.adapter if p else None, p.key.version if p else None,
+                                            prompt_logprobs))
         return results
 
     def _params(self, r: SampleRequest):
@@ -176,6 +181,7 @@ class VLLMEngine(InferenceEngine):
             stop_token_ids=list(p.stop_token_ids) or None,
             seed=p.seed,
             logprobs=0,  # the sampled token's own logprob only
+            prompt_logprobs=0 if r.prompt_logprobs else None,
             detokenize=bool(p.stop_strings),  # stop strings need text; nothing else does
             skip_special_tokens=False,
         )

@@ -1,0 +1,51 @@
+"""Where the service keeps checkpoints, and the ``tinker://`` paths that name them.
+
+``tinker://<model_id>/weights/<name>`` (weights and optimizer state, for ``load_weights``) and
+``tinker://<model_id>/sampler_weights/<name>`` (weights only, for sampling) map to
+``<COLO_CHECKPOINT_DIR>/<tenant>/<model_id>/<kind>/<name>.safetensors``. Names are checked against a
+strict pattern (no '/', no leading '.'), and the file always lies under the caller's own tenant
+directory, so no path a client sends can reach outside it or into another tenant's checkpoints.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from colo.errors import InvalidRequestError
+
+KINDS = ("weights", "sampler_weights")
+_ID = re.compile(r"^[A-Za-z0-9_:-]{1,160}$")
+_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+
+
+class CheckpointStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    def file(self, tenant: str, model_id: str, kind: str, name: str) -> Path:
+        if not _ID.match(model_id):
+            raise InvalidRequestError(f"model id {model_id!r}; allowed: 1-160 letters, digits, '_', ':' or '-'")
+        if kind not in KINDS:
+            raise InvalidRequestError(f"checkpoint kind {kind!r}; allowed: {', '.join(KINDS)}")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise InvalidRequestError(f"checkpoint name {name!r}; allowed: 1-128 letters, digits, '.', '_' or '-', "
+                                      "not starting with '.'")
+        path = (self.root / tenant / model_id / kind / f"{name}.safetensors").resolve()
+        if not path.is_relative_to(self.root / tenant):  # the patterns already rule this out; belt and braces
+            raise InvalidRequestError(f"checkpoint name {name!r} leaves the checkpoint directory")
+        return path
+
+    def parse(self, tenant: str, tinker_path: str) -> tuple[str, str, str, Path]:
+        """``tinker://model/kind/name`` -> (model_id, kind, name, file of this tenant)."""
+        if not isinstance(tinker_path, str) or not tinker_path.startswith("tinker://"):
+            raise InvalidRequestError(f"path {tinker_path!r}; allowed: tinker://<model_id>/<weights|sampler_weights>/<name>")
+        parts = tinker_path.removeprefix("tinker://").split("/")
+        if len(parts) != 3:
+            raise InvalidRequestError(f"path {tinker_path!r}; allowed: tinker://<model_id>/<weights|sampler_weights>/<name>")
+        model_id, kind, name = parts
+        return model_id, kind, name, self.file(tenant, model_id, kind, name)
+
+    @staticmethod
+    def tinker_path(model_id: str, kind: str, name: str) -> str:
+        return f"tinker://{model_id}/{kind}/{name}"

@@ -1,0 +1,70 @@
+"""Request futures of the Tinker API: a POST answers ``{request_id}`` at once and the client polls
+``/api/v1/retrieve_future`` for the result.
+
+A poll waits up to ``POLL_SECONDS`` for the job (long polling), then answers ``try_again``. A result
+is kept until ``KEEP_SECONDS`` after it was first fetched (the SDK may fetch twice after a lost
+reply), and unfetched results until ``UNCLAIMED_SECONDS``, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable
+
+POLL_SECONDS = 20.0
+KEEP_SECONDS = 120.0
+UNCLAIMED_SECONDS = 3600.0
+
+
+@dataclass
+class Pending:
+    tenant: str
+    future: Future
+    encode: Callable[[Any], tuple[bytes | dict, str]]  # result -> (body, "proto" | "json")
+    created: float
+    fetched: float | None = None
+
+
+class Futures:
+    def __init__(self) -> None:
+        self._items: dict[str, Pending] = {}
+        self._lock = threading.Lock()
+
+    def add(self, tenant: str, future: Future, encode: Callable[[Any], tuple[bytes | dict, str]]) -> str:
+        request_id = uuid.uuid4().hex
+        with self._lock:
+            self._expire()
+            self._items[request_id] = Pending(tenant, future, encode, time.monotonic())
+        return request_id
+
+    def get(self, tenant: str, request_id: str) -> Pending | None:
+        """The tenant's own request, or None (another tenant's id reads as unknown)."""
+        with self._lock:
+            item = self._items.get(request_id)
+        return item if item is not None and item.tenant == tenant else None
+
+    async def wait(self, item: Pending, timeout: float = POLL_SECONDS) -> bool:
+        """True once the job is done; False if it is still running after ``timeout``."""
+        if not item.future.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(item.future)), timeout)
+            except asyncio.TimeoutError:
+                return False
+            except BaseException:  # the job's own error: it is done, the caller reads it
+                pass
+        if item.fetched is None:
+            item.fetched = time.monotonic()
+        return True
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        gone = [rid for rid, p in self._items.items()
+                if (p.fetched is not None and now - p.fetched > KEEP_SECONDS)
+                or (p.fetched is None and p.future.done() and now - p.created > UNCLAIMED_SECONDS)]
+        for rid in gone:
+            del self._items[rid]

@@ -1,0 +1,558 @@
+"""The Tinker API over HTTP, so the official ``tinker`` SDK trains and samples on this machine.
+
+A thin layer: it checks who is asking (``colo.tenants``), parses the request (``colo.tinker_wire``,
+the SDK's own request types), hands the work to the one thread that owns the Trainer
+(``colo.worker``) and answers ``{request_id}``; the client then polls ``retrieve_future``
+(``colo.futures``). A failed job answers 200 with ``{error, category}`` (the SDK retries any 5xx
+forever); a malformed request answers 4xx with a message, and nothing about it reaches the Trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pydantic
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from tinker import types as tt
+
+from colo import tinker_wire
+from colo.checkpoint_store import CheckpointStore
+from colo.errors import ColoError, EngineError, InvalidRequestError
+from colo.futures import Futures
+from colo.tenants import Tenants
+from colo.trainer import Trainer
+from colo.types import AdamParams, SampleJob
+from colo.worker import Worker
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+EPHEMERAL_KEPT = 4  # unnamed sampler snapshots kept per model
+SESSION_TTL_SECONDS = 300.0  # a session silent this long (the SDK beats every 10 s) loses its models
+PROTO = "application/x-protobuf"
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Session:
+    tenant: str
+    last_seen: float
+    models: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Model:
+    tenant: str
+    model_id: str
+    session_id: str
+    adapter: str
+    rank: int
+
+
+@dataclass
+class Sampler:
+    """What a sampling session samples: the base model, a model's live weights, or a saved version."""
+
+    tenant: str
+    sampler_id: str
+    model_path: str | None = None
+    model_id: str | None = None
+    version: int | None = None  # the version saved at model_path (None: follow the live weights)
+    file: Path | None = None
+    clients: int = 0
+
+
+class Service:
+    def __init__(self, trainer: Trainer, tenants: Tenants, checkpoints: CheckpointStore,
+                 model_name: str | None = None) -> None:
+        self.trainer = trainer
+        self.worker = Worker(trainer)
+        self.tenants = tenants
+        self.checkpoints = checkpoints
+        self.futures = Futures()
+        self.model_name = model_name or trainer.config.model
+        self.arch = next(iter(trainer.policy._base.config.architectures or []), "unknown")
+        self.sessions: dict[str, Session] = {}
+        self.models: dict[str, Model] = {}
+        self.samplers: dict[str, Sampler] = {}
+        self.frozen: dict[Path, str] = {}  # a saved version no longer live -> the adapter holding it
+        self.saved: dict[Path, tuple[str, int]] = {}  # file -> (model_id, version) saved by this server
+        self.seen: dict[tuple[str, int], str] = {}  # (model_id, seq_id) -> request_id, for retried POSTs
+        self.lock = threading.Lock()
+
+    # ---- lookups: another tenant's ids read as unknown --------------------------------------------
+
+    def session(self, tenant: str, session_id: str) -> Session:
+        s = self.sessions.get(session_id)
+        if s is None or s.tenant != tenant:
+            raise HTTPError(404, f"unknown session {session_id!r}; create_session makes one")
+        s.last_seen = time.monotonic()
+        return s
+
+    def model(self, tenant: str, model_id: str) -> Model:
+        m = self.models.get(model_id)
+        if m is None or m.tenant != tenant:
+            raise HTTPError(404, f"unknown model {model_id!r}; create_model makes one")
+        return m
+
+    def sampler(self, tenant: str, sampler_id: str) -> Sampler:
+        s = self.samplers.get(sampler_id)
+        if s is None or s.tenant != tenant:
+            raise HTTPError(404, f"unknown sampling session {sampler_id!r}; create_sampling_session makes one")
+        return s
+
+    def check_base_model(self, base_model: str | None) -> None:
+        if base_model is not None and base_model not in (self.model_name, self.trainer.model_path):
+            raise HTTPError(400, f"base_model {base_model!r} is not served here; allowed: {self.model_name!r}")
+
+    # ---- futures ----------------------------------------------------------------------------------
+
+    def submit(self, tenant: str, future, encode: Callable[[Any], tuple[bytes | dict, str]]) -> dict:
+        return {"request_id": self.futures.add(tenant, future, encode)}
+
+    def ordered(self, tenant: str, model: Model, seq_id: int | None, fn, encode) -> dict:
+        if seq_id is None:
+            raise HTTPError(400, "seq_id is missing; allowed: the training client's request counter + 1")
+        key = (model.model_id, seq_id)
+        with self.lock:
+            if key in self.seen:  # the SDK re-sent a POST whose answer it lost
+                return {"request_id": self.seen[key]}
+            try:
+                future = self.worker.ordered(model.model_id, seq_id, fn)
+            except ColoError as e:
+                raise HTTPError(400, str(e)) from None
+            answer = self.submit(tenant, future, encode)
+            self.seen[key] = answer["request_id"]
+        return answer
+
+    # ---- sessions and models ------------------------------------------------------------------------
+
+    def reap_sessions(self) -> None:
+        """Delete the models of sessions whose client stopped beating, to free their adapters."""
+        now = time.monotonic()
+        for sid, s in list(self.sessions.items()):
+            if now - s.last_seen > SESSION_TTL_SECONDS:
+                log.info("session %s is silent for %.0f s; deleting its %d models", sid, now - s.last_seen,
+                         len(s.models))
+                for model_id in s.models:
+                    self.drop_model(model_id)
+                del self.sessions[sid]
+
+    def drop_model(self, model_id: str) -> None:
+        m = self.models.pop(model_id, None)
+        if m is None:
+            return
+        self.worker.close_order(model_id)
+        frozen = [f for f in self.frozen if f.parent.parent.name == model_id]
+
+        def delete(trainer: Trainer) -> None:
+            for adapter in [m.adapter] + [self.frozen.pop(f) for f in frozen if f in self.frozen]:
+                if adapter in trainer.adapters:
+                    trainer.delete_lora(adapter)
+
+        self.worker.call(delete)
+
+    def prune_ephemeral(self, trainer: Trainer, folder: Path, keep: int = EPHEMERAL_KEPT) -> None:
+        """Unnamed sampler snapshots are for the next rollouts: keep a model's newest few on disk."""
+        files = sorted(folder.glob("ephemeral-*.safetensors"), key=lambda f: f.stat().st_mtime, reverse=True)
+        for old in files[keep:]:
+            old.unlink(missing_ok=True)
+            self.saved.pop(old, None)
+            adapter = self.frozen.pop(old, None)
+            if adapter in trainer.adapters:
+                trainer.delete_lora(adapter)
+
+    def add_model(self, tenant: str, session: Session, model_id: str, adapter: str, rank: int) -> None:
+        self.models[model_id] = Model(tenant, model_id, session_id_of(model_id), adapter, rank)
+        session.models.add(model_id)
+        self.worker.open_order(model_id, first_seq=1)
+
+    # ---- sampling -----------------------------------------------------------------------------------
+
+    def resolve_adapter(self, trainer: Trainer, s: Sampler) -> str | None:
+        """Runs on the worker: the adapter that holds exactly the weights ``s`` samples."""
+        if s.model_id is None and s.file is None:
+            return None
+        m = self.models.get(s.model_id) if s.model_id else None
+        if m is not None and m.adapter in trainer.adapters and (s.version is None or
+                                                                 trainer.version(m.adapter) == s.version):
+            return m.adapter
+        if s.file is None:
+            raise InvalidRequestError(f"model {s.model_id} of this sampling session was deleted")
+        adapter = self.frozen.get(s.file)
+        if adapter is None or adapter not in trainer.adapters:
+            if not s.file.is_file():
+                raise InvalidRequestError(f"checkpoint {s.model_path} no longer exists")
+            for old_file, old in list(self.frozen.items()):  # one frozen copy per sampler's model
+                if old_file.parent == s.file.parent and old in trainer.adapters:
+                    trainer.delete_lora(old)
+                    del self.frozen[old_file]
+            adapter = trainer.load_state(s.file)
+            self.frozen[s.file] = adapter
+        return adapter
+
+
+def session_id_of(model_id: str) -> str:
+    return model_id.split(":", 1)[0]
+
+
+# ---- HTTP ---------------------------------------------------------------------------------------------
+
+
+def create_app(service: Service) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        log.info("colo: shutting down: finishing the running job, answering queued ones")
+        service.worker.stop()
+        service.trainer.close()
+
+    app = FastAPI(title="colo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    svc = service
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, e: HTTPError):
+        return JSONResponse({"detail": str(e)}, status_code=e.status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse({"detail": f"internal error: {type(e).__name__}"}, status_code=500)
+
+    def tenant_of(request: Request) -> str:
+        tenant = svc.tenants.tenant_of(request.headers.get("x-api-key"))
+        if tenant is None:
+            raise HTTPError(401, "missing or unknown API key (X-API-Key); allowed: a key from COLO_API_KEYS")
+        return tenant
+
+    async def body_of(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+            raise HTTPError(413, f"request body of {declared} bytes; allowed: at most {MAX_BODY_BYTES}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise HTTPError(413, f"request body over {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def parse(request: Request, model: type[pydantic.BaseModel]):
+        body = await body_of(request)
+        try:
+            return model.model_validate_json(body or b"{}")
+        except pydantic.ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"]) or "body"
+            more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+            raise HTTPError(400, f"{model.__name__}: {where}: {err['msg']}{more}") from None
+
+    def json(obj: pydantic.BaseModel) -> tuple[dict, str]:
+        return obj.model_dump(mode="json", exclude_none=True), "json"
+
+    # ---- service --------------------------------------------------------------------------------------
+
+    @app.get("/api/v1/healthz")
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.post("/api/v1/client/config")
+    async def client_config(request: Request):
+        tenant_of(request)
+        # sampling results are polled one request at a time (no session completion queue), and
+        # custom losses run in the client: the endpoints those flags would need are not served
+        return tt.ClientConfigResponse(pjwt_auth_enabled=False, use_pyqwest_transport=False,
+                                       sample_use_retrieve_futures=False, custom_loss_server_side=False,
+                                       sample_join_sampling_session=False).model_dump()
+
+    @app.post("/api/v1/client/dynamic_config")
+    async def client_dynamic_config(request: Request):
+        tenant_of(request)
+        return tt.ClientDynamicConfigResponse().model_dump()
+
+    @app.post("/api/v1/telemetry")
+    async def telemetry(request: Request):
+        await body_of(request)  # the SDK's usage reports: read and dropped
+        return {"status": "accepted"}
+
+    @app.get("/api/v1/get_server_capabilities")
+    async def capabilities(request: Request):
+        tenant_of(request)
+        return {"supported_models": [{"model_name": svc.model_name, "max_context_length": svc.trainer.max_len,
+                                      "trainable": True, "sampleable": True}]}
+
+    @app.post("/api/v1/create_session")
+    async def create_session(request: Request):
+        tenant = tenant_of(request)
+        await parse(request, tt.CreateSessionRequest)
+        session_id = uuid.uuid4().hex
+        svc.sessions[session_id] = Session(tenant, time.monotonic())
+        return {"type": "create_session", "session_id": session_id}
+
+    @app.post("/api/v1/session_heartbeat")
+    async def heartbeat(request: Request):
+        tenant = tenant_of(request)
+        req = await parse(request, tt.SessionHeartbeatRequest)
+        svc.session(tenant, req.session_id)
+        return {"type": "session_heartbeat"}
+
+    # ---- models ---------------------------------------------------------------------------------------
+
+    @app.post("/api/v1/create_model")
+    async def create_model(request: Request):
+        tenant = tenant_of(request)
+        req = await parse(request, tt.CreateModelRequest)
+        session = svc.session(tenant, req.session_id)
+        svc.check_base_model(req.base_model)
+        if req.optimizer_config.type != "adamw":
+            raise HTTPError(400, f"optimizer {req.optimizer_config.type!r}; allowed: adamw")
+        if req.lora_config is None:
+            raise HTTPError(400, "lora_config is missing; colo trains LoRA adapters only")
+        model_id = f"{req.session_id}:train:{req.model_seq_id}"
+        if model_id in svc.models:
+            raise HTTPError(400, f"model_seq_id {req.model_seq_id} was already used in this session")
+        svc.reap_sessions()
+        lora = req.lora_config
+
+        def run(trainer: Trainer) -> str:
+            adapter = trainer.create_lora(rank=lora.rank, seed=lora.seed, train_attn=lora.train_attn,
+                                          train_mlp=lora.train_mlp, train_unembed=lora.train_unembed)
+            svc.add_model(tenant, session, model_id, adapter, lora.rank)
+            return model_id
+
+        return svc.submit(tenant, svc.worker.call(run), lambda mid: json(tt.CreateModelResponse(model_id=mid)))
+
+    @app.post("/api/v1/get_info")
+    async def get_info(request: Request):
+        tenant = tenant_of(request)
+        req = await parse(request, tt.GetInfoRequest)
+        m = svc.model(tenant, req.model_id)
+        return {"type": "get_info", "model_id": m.model_id, "is_lora": True, "lora_rank": m.rank,
+                "model_name": svc.model_name,
+                "model_data": {"arch": svc.arch, "model_name": svc.model_name,
+                               "tokenizer_id": svc.trainer.model_path}}
+
+    @app.post("/api/v1/forward_backward")
+    async def forward_backward(request: Request):
+        tenant = tenant_of(request)
+        if PROTO not in request.headers.get("content-type", ""):
+            raise HTTPError(415, f"forward_backward takes {PROTO} (the SDK's ForwardBackwardRequest)")
+        try:
+            body = tinker_wire.decompress(await body_of(request), request.headers.get("content-encoding"))
+            call = tinker_wire.parse_forward_backward(body)
+        except InvalidRequestError as e:
+            raise HTTPError(400, str(e)) from None
+        m = svc.model(tenant, call.model_id)
+        verb = Trainer.forward if call.forward_only else Trainer.forward_backward
+
+        def run(trainer: Trainer):
+            return verb(trainer, m.adapter, call.data, call.loss_fn, call.loss_fn_config)
+
+        return svc.ordered(tenant, m, call.seq_id, run,
+                           lambda out: (tinker_wire.forward_backward_output(out), "proto"))
+
+    @app.post("/api/v1/optim_step")
+    async def optim_step(request: Request):
+        tenant = tenant_of(request)
+        req = await parse(request, tt.OptimStepRequest)
+        m = svc.model(tenant, req.model_id)
+        p = req.optim_params
+        if not isinstance(p, tt.AdamParams):
+            raise HTTPError(400, f"optimizer {getattr(p, 'type', '?')!r}; allowed: adam_params")
+        adam = AdamParams(learning_rate=p.learning_rate, beta1=p.beta1, beta2=p.beta2, eps=p.eps,
+                          weight_decay=p.weight_decay, grad_clip_norm=p.grad_clip_norm)
+        return svc.ordered(tenant, m, req.seq_id, lambda t: t.optim_step(m.adapter, adam),
+                           lambda out: json(tt.OptimStepResponse(metrics=out.metrics)))
+
+    # ---- checkpoints ----------------------------------------------------------------------------------
+
+    @app.post("/api/v1/save_weights")
+    async def save_weights(request: Request):
+        tenant = tenant_of(request)
+        req = await parse(request, tt.SaveWeightsRequest)
+        m = svc.model(tenant, req.model_id)
+        name = req.path or f"step-{uuid.uuid4().hex[:8]}"
+        file = checked(lambda: svc.checkpoints.file(tenant, m.model_id, "weights", name))
+        overwrite = req.overwrite
+
+        def run(trainer: Trainer) -> str:
+            if file.exists() and not overwrite:
+                raise InvalidRequestError(f"checkpoint {name!r} exists; allowed: a new name, or overwrite=True")
+            trainer.save_state(m.adapter, file, optimizer=True)
+            return CheckpointStore.tinker_path(m.model_id, "weights", name)
+
+        return svc.ordered(tenant, m, req.seq_id, run, lambda path: json(tt.SaveWeightsResponse(path=path)))
+
+    @app.post("/api/v1/load_weights")
+    async def load_weights(request: Request):
+        tenant = tenant_of(request)
+        req = await parse(request, tt.LoadWeightsRequest)
+        _, _, _, file = checked(lambda: svc.checkpoints.parse(tenant, req.path))
+        with_optimizer = req.optimizer
+
+        def load(trainer: Trainer, adapter: str | None) -> str:
+            if not file.is_file():
+                raise InvalidRequestError(f"no checkpoint {req.path!r} for this tenant")
+            return trainer.load_state(file, adapter=adapter, optimizer=with_optimizer)
+
+        if req.session_id is not None:  # a new model, created from the checkpoint
+            session = svc.session(tenant, req.session_id)
+            svc.check_base_model(req.base_model)
+            model_id = f"{req.session_id}:train:{req.model_seq_id}"
+            if model_id in svc.models:
+                raise HTTPError(400, f"model_seq_id {req.model_seq_id} was already used in this session")
+            svc.reap_sessions()
+
+            def create(trainer: Trainer) -> str:
+                adapter = load(trainer, None)
+                svc.add_model(tenant, session, model_id, adapter, trainer.adapters[adapter].lora.rank)
+                return model_id
+
+            return svc.submit(tenant, svc.worker.call(create),
+                              lambda mid: json(tt.LoadWeightsResponse(path=req.path, model_id=mid)))
+        if req.model_id is None:
+            raise HTTPError(400, "load_weights needs model_id (with seq_id) or session_id (with model_seq_id)")
+        m = svc.model(tenant, req.model_id)
+        return svc.ordered(tenant, m, req.seq_id, lambda t: load(t, m.adapter),
+                           lambda _: json(tt.LoadWeightsResponse(path=req.path, model_id=m.model_id)))
+
+    @app.post("/api/v1/save_weights_for_sampler")
+    async def save_weights_for_sampler(request: Request):
+        tenant = tenant_of(request)
+        req = await parse(request, tt.SaveWeightsForSamplerRequest)
+        m = svc.model(tenant, req.model_id)
+        named = req.path is not None
+        name = req.path if named else f"ephemeral-{uuid.uuid4().hex[:12]}"
+        file = checked(lambda: svc.checkpoints.file(tenant, m.model_id, "sampler_weights", name))
+        path = CheckpointStore.tinker_path(m.model_id, "sampler_weights", name)
+        inflight = req.kind == "inflight"
+
+        def run(trainer: Trainer) -> tt.SaveWeightsForSamplerResponseInternal:
+            version = trainer.version(m.adapter)
+            trainer.save_state(m.adapter, file, optimizer=False)
+            svc.saved[file] = (m.model_id, version)
+            if named:
+                return tt.SaveWeightsForSamplerResponseInternal(path=path)
+            svc.prune_ephemeral(trainer, file.parent)
+            sampler_id = uuid.uuid4().hex
+            svc.samplers[sampler_id] = Sampler(tenant, sampler_id, path, m.model_id,
+                                               None if inflight else version, file)
+            return tt.SaveWeightsForSamplerResponseInternal(sampling_session_id=sampler_id)
+
+        return svc.ordered(tenant, m, req.seq_id, run, json)
+
+    # ---- sampling -------------------------------------------------------------------------------------
+
+    @app.post("/api/v1/create_sampling_session")
+    async def create_sampling_session(request: Request):
+        tenant = tenant_of(request)
+        req = await parse(request, tt.CreateSamplingSessionRequest)
+        svc.session(tenant, req.session_id)
+        sampler_id = uuid.uuid4().hex
+        if req.model_path is None:
+            svc.check_base_model(req.base_model)
+            svc.samplers[sampler_id] = Sampler(tenant, sampler_id)
+        else:
+            model_id, _, _, file = checked(lambda: svc.checkpoints.parse(tenant, req.model_path))
+            if not file.is_file():
+                raise HTTPError(404, f"no checkpoint {req.model_path!r} for this tenant")
+            # a file this server saved names its model and version; one from an earlier run is
+            # always sampled from a frozen copy of the file
+            saved_model, version = svc.saved.get(file, (None, None))
+            svc.samplers[sampler_id] = Sampler(tenant, sampler_id, req.model_path, saved_model, version, file)
+        return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
+
+    @app.get("/api/v1/samplers/{sampler_id}")
+    async def get_sampler(sampler_id: str, request: Request):
+        s = svc.sampler(tenant_of(request), sampler_id)
+        return {"sampler_id": s.sampler_id, "base_model": svc.model_name, "model_path": s.model_path}
+
+    @app.post("/api/v1/join_sampling_session")
+    async def join_sampling_session(request: Request):
+        tenant = tenant_of(request)
+        req = await parse(request, tt.JoinSamplingSessionRequest)
+        s = svc.sampler(tenant, req.sampling_session_id)
+        s.clients += 1
+        return {"type": "join_sampling_session", "client_counter": s.clients}
+
+    @app.post("/api/v1/asample")
+    async def asample(request: Request):
+        tenant = tenant_of(request)
+        req = await parse(request, tt.SampleRequest)
+        unsupported = [name for name, on in (
+            ("topk_prompt_logprobs", req.topk_prompt_logprobs > 0), ("topk_sample_logprobs", req.topk_sample_logprobs > 0),
+            ("target_prompt_logprobs", req.target_prompt_logprobs is not None),
+            ("prompt_alt_tokens_k", req.prompt_alt_tokens_k > 0),
+            ("prompt_logprobs_last_n", req.prompt_logprobs_last_n is not None),
+            ("record_stability_info", bool(req.record_stability_info))) if on]
+        if unsupported:
+            raise HTTPError(400, f"{', '.join(unsupported)}: not supported by colo; allowed: prompt_logprobs")
+        if req.sampling_session_id is not None:
+            s = svc.sampler(tenant, req.sampling_session_id)
+        else:  # an ad-hoc request names its weights itself
+            if req.model_path is not None:
+                raise HTTPError(400, "sampling by model_path needs a sampling session; create_sampling_session")
+            svc.check_base_model(req.base_model)
+            s = Sampler(tenant, "base")
+        prompt = checked(lambda: tinker_wire.tokens_of(req.prompt, "prompt"))
+        params = tinker_wire.sampling_params(req.sampling_params)
+        want_prompt = bool(req.prompt_logprobs)
+
+        def resolve(trainer: Trainer) -> SampleJob:
+            return SampleJob(svc.resolve_adapter(trainer, s), prompt, req.num_samples, params, want_prompt)
+
+        answer = svc.submit(tenant, svc.worker.sample(s.sampler_id, resolve),
+                            lambda result: (tinker_wire.sample_response(result), "proto"))
+        answer["sample_sequence_ids"] = [f"{answer['request_id']}:{i}" for i in range(req.num_samples)]
+        return answer
+
+    # ---- futures --------------------------------------------------------------------------------------
+
+    @app.post("/api/v1/retrieve_future")
+    async def retrieve_future(request: Request):
+        tenant = tenant_of(request)
+        req = await parse(request, tt.FutureRetrieveRequest)
+        item = svc.futures.get(tenant, req.request_id)
+        if item is None:
+            raise HTTPError(404, f"unknown request_id {req.request_id!r}")
+        if not await svc.futures.wait(item):
+            return {"type": "try_again", "request_id": req.request_id, "queue_state": "active"}
+        error = item.future.exception()
+        if error is not None:
+            user = isinstance(error, ColoError) and not isinstance(error, EngineError)
+            message = str(error) if isinstance(error, ColoError) else f"{type(error).__name__}: {error}"
+            return {"error": message, "category": "user" if user else "server"}
+        body, kind = item.encode(item.future.result())
+        if kind == "proto":
+            return Response(body, media_type=PROTO)
+        return body
+
+    @app.post("/api/v1/cancel_future")
+    async def cancel_future(request: Request):
+        tenant_of(request)
+        await body_of(request)
+        return {}
+
+    return app
+
+
+def checked(fn):
+    """Run a parser of client input; its InvalidRequestError becomes a 400."""
+    try:
+        return fn()
+    except InvalidRequestError as e:
+        raise HTTPError(400, str(e)) from None
