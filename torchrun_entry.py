@@ -42,7 +42,7 @@ def main() -> int:
     # a long poll still open at shutdown is cut after 5 s
     uvicorn.run(create_app(service), host=config.host, port=config.port, log_level="warning",
                 timeout_graceful_shutdown=5)
-    return 0
+    return 0 if service.stopped else 1
 
 
 if __name__ == "__main__":

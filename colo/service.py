@@ -92,6 +92,7 @@ class Service:
         self.saved: dict[Path, tuple[str, int]] = {}  # file -> (model_id, version) saved by this server
         self.seen: dict[tuple[str, int], str] = {}  # (model_id, seq_id) -> request_id, for retried POSTs
         self.lock = threading.Lock()
+        self.stopped = False
 
     # ---- lookups: another tenant's ids read as unknown --------------------------------------------
 
@@ -219,6 +220,8 @@ def create_app(service: Service) -> FastAPI:
         log.info("colo: shutting down: finishing the running job, answering queued ones")
         service.worker.stop()
         service.trainer.close()
+        service.stopped = True
+        log.info("colo: stopped cleanly")
 
     app = FastAPI(title="colo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     svc = service
@@ -402,11 +405,11 @@ def create_app(service: Service) -> FastAPI:
         tenant = tenant_of(request)
         req = await parse(request, tt.LoadWeightsRequest)
         _, _, _, file = checked(lambda: svc.checkpoints.parse(tenant, req.path))
+        if not file.is_file():
+            raise HTTPError(404, f"no checkpoint {req.path!r} for this tenant")
         with_optimizer = req.optimizer
 
         def load(trainer: Trainer, adapter: str | None) -> str:
-            if not file.is_file():
-                raise InvalidRequestError(f"no checkpoint {req.path!r} for this tenant")
             return trainer.load_state(file, adapter=adapter, optimizer=with_optimizer)
 
         if req.session_id is not None:  # a new model, created from the checkpoint

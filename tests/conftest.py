@@ -68,3 +68,25 @@ def vllm_trainer(tiny_model_dir):
 @pytest.fixture
 def make_vllm_adapter(vllm_trainer):
     yield from adapter_factory(vllm_trainer)
+
+
+ALICE, BOB = "tml-alice-key", "tml-bob-key"
+
+
+@pytest.fixture(scope="session")
+def service(tiny_model_dir, tmp_path_factory):
+    """The real service (``torchrun torchrun_entry.py``, vLLM engine) on loopback, with two tenants."""
+    from service_process import ServiceProcess
+
+    work = tmp_path_factory.mktemp("service")
+    proc = ServiceProcess({
+        "COLO_MODEL": str(tiny_model_dir), "COLO_ENGINE": "vllm", "COLO_DTYPE": "float32", "COLO_DEVICE": "cpu",
+        "COLO_MAX_LORAS": "8", "COLO_MAX_LORA_RANK": "16", "COLO_CHECKPOINT_DIR": str(work / "checkpoints"),
+        "COLO_API_KEYS": f"{ALICE}:alice,{BOB}:bob",
+    }, work / "service.log")
+    proc.wait_ready()
+    proc.checkpoint_dir = work / "checkpoints"
+    proc.model_name = str(tiny_model_dir)
+    yield proc
+    proc.stop()
+    assert "colo: stopped cleanly" in proc.tail(200), proc.tail()

@@ -1,0 +1,114 @@
+"""The worker that owns the Trainer: seq_id order per model, one engine call per sample batch, fairness."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from colo.errors import ColoError, InvalidRequestError
+from colo.types import SampleJob, SamplingParams
+from colo.worker import ShuttingDown, Worker
+
+
+class CountingTrainer:
+    """The real session Trainer, with its sample_batch calls recorded (not a fake: every call goes through)."""
+
+    def __init__(self, trainer) -> None:
+        self._trainer = trainer
+        self.batches: list[list[SampleJob]] = []
+
+    def sample_batch(self, jobs):
+        self.batches.append(list(jobs))
+        return self._trainer.sample_batch(jobs)
+
+    def __getattr__(self, name):
+        return getattr(self._trainer, name)
+
+
+def blocked(worker: Worker) -> threading.Event:
+    """Hold the worker in a job until the returned event is set, so requests pile up meanwhile."""
+    release, started = threading.Event(), threading.Event()
+    worker.call(lambda t: (started.set(), release.wait(30)))
+    assert started.wait(30)
+    return release
+
+
+@pytest.fixture
+def worker(trainer):
+    w = Worker(CountingTrainer(trainer), max_batch_sequences=4)
+    yield w
+    w.stop()
+
+
+def job(adapter, prompt, params=SamplingParams(max_tokens=3, temperature=0)):
+    return lambda t: SampleJob(adapter, prompt, 1, params)
+
+
+def test_samples_of_different_clients_and_adapters_share_one_engine_call(worker, make_adapter):
+    a, b = make_adapter(seed=1), make_adapter(seed=2)
+    release = blocked(worker)
+    futures = [worker.sample("client-1", job(a, [1, 2, 3])), worker.sample("client-2", job(b, [4, 5])),
+               worker.sample("client-3", job(None, [6, 7, 8, 9]))]
+    release.set()
+    results = [f.result(60) for f in futures]
+    assert len(worker.trainer.batches) == 1 and len(worker.trainer.batches[0]) == 3
+    assert [r.adapter for r in results] == [a, b, None]
+    assert all(len(r.sequences[0].tokens) == 3 for r in results)
+
+
+def test_one_bad_sample_fails_alone(worker, make_adapter):
+    a = make_adapter()
+    release = blocked(worker)
+    good = worker.sample("good", job(a, [1, 2]))
+    bad = worker.sample("bad", job(a, [1, 10**6]))
+    gone = worker.sample("gone", job("lora-does-not-exist", [1, 2]))
+    release.set()
+    assert good.result(60).sequences
+    with pytest.raises(InvalidRequestError, match="token id"):
+        bad.result(60)
+    with pytest.raises(ColoError, match="unknown adapter"):
+        gone.result(60)
+
+
+def test_a_flooding_client_cannot_crowd_out_another(worker):
+    release = blocked(worker)
+    flood = [worker.sample("flood", job(None, [1, 2])) for _ in range(10)]
+    other = worker.sample("other", job(None, [3, 4]))
+    release.set()
+    other.result(60)
+    for f in flood:
+        f.result(60)
+    first = worker.trainer.batches[0]
+    assert len(first) == 4 and [j.prompt for j in first].count([3, 4]) == 1  # in the first batch of 4
+
+
+def test_training_jobs_of_a_model_run_in_seq_id_order(worker):
+    worker.open_order("m1")
+    worker.open_order("m2")
+    ran: list[tuple[str, int]] = []
+    release = blocked(worker)
+    futures = [worker.ordered("m1", s, lambda t, s=s: ran.append(("m1", s))) for s in (3, 1, 2)]
+    futures += [worker.ordered("m2", s, lambda t, s=s: ran.append(("m2", s))) for s in (2, 1)]
+    with pytest.raises(ColoError, match="already used"):
+        worker.ordered("m1", 2, lambda t: None)
+    release.set()
+    for f in futures:
+        f.result(60)
+    assert [s for m, s in ran if m == "m1"] == [1, 2, 3]
+    assert [s for m, s in ran if m == "m2"] == [1, 2]
+    assert ran.index(("m2", 1)) < ran.index(("m1", 3))  # the models take turns
+
+
+def test_stop_answers_queued_jobs_and_refuses_new_ones(trainer):
+    w = Worker(trainer)
+    release = blocked(w)
+    queued = w.sample("c", job(None, [1, 2]))
+    stopper = threading.Thread(target=w.stop)
+    stopper.start()
+    with pytest.raises(ShuttingDown):
+        queued.result(30)
+    release.set()
+    stopper.join(30)
+    with pytest.raises(ShuttingDown):
+        w.call(lambda t: None)
