@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 EPHEMERAL_KEPT = 4  # unnamed sampler snapshots kept per model
-SESSION_TTL_SECONDS = 300.0  # a session silent this long (the SDK beats every 10 s) loses its models
+SESSION_TTL_SECONDS = 120.0  # a session silent this long (the SDK beats every 10 s) loses its models
 PROTO = "application/x-protobuf"
 
 

@@ -81,7 +81,7 @@ def service(tiny_model_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("service")
     proc = ServiceProcess({
         "COLO_MODEL": str(tiny_model_dir), "COLO_ENGINE": "vllm", "COLO_DTYPE": "float32", "COLO_DEVICE": "cpu",
-        "COLO_MAX_LORAS": "8", "COLO_MAX_LORA_RANK": "16", "COLO_CHECKPOINT_DIR": str(work / "checkpoints"),
+        "COLO_MAX_LORAS": "16", "COLO_MAX_LORA_RANK": "16", "COLO_CHECKPOINT_DIR": str(work / "checkpoints"),
         "COLO_API_KEYS": f"{ALICE}:alice,{BOB}:bob",
     }, work / "service.log")
     proc.wait_ready()
