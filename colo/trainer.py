@@ -234,6 +234,10 @@ class Trainer:
                                       f"{self.config.max_lora_rank}] (COLO_MAX_LORA_RANK)")
         if lora.alpha is not None and not (isinstance(lora.alpha, (int, float)) and lora.alpha > 0):
             raise InvalidRequestError(f"LoRA alpha {lora.alpha!r}; allowed: a number > 0, or None (= rank)")
+        if lora.train_unembed and not self.engine.capabilities.unembed_lora:
+            raise InvalidRequestError(f"train_unembed=True: the {self.engine.name} engine does not apply LoRA to the "
+                                      "output layer, so its samples would ignore those weights; allowed: "
+                                      "train_unembed=False, or an engine that does (pytorch)")
         if not self.policy.target_modules(lora):
             raise InvalidRequestError("the LoRA trains no layer; allowed: at least one of train_attn, train_mlp, "
                                       "train_unembed that this model has")

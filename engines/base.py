@@ -27,6 +27,7 @@ class Capabilities:
     sleep: bool  # can release its memory while training runs
     shares_trainer_weights: bool  # samples from the trainer's own weights (no second copy)
     multi_adapter_batch: bool  # serves several adapters in one batch
+    unembed_lora: bool = False  # applies LoRA on the output layer (lm_head), for train_unembed
 
 
 @dataclass(frozen=True)

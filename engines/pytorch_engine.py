@@ -23,6 +23,7 @@ class PyTorchEngine(InferenceEngine):
         sleep=False,
         shares_trainer_weights=True,
         multi_adapter_batch=False,
+        unembed_lora=True,
     )
     max_batch_rows = 64  # bounds the KV cache and logits of one decode loop
 

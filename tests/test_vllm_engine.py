@@ -175,6 +175,9 @@ def test_rank_above_max_lora_rank_and_prompt_longer_than_max_model_len(vllm_trai
     before = snapshot(vllm_trainer)
     with pytest.raises(InvalidRequestError, match=r"LoRA rank 32; allowed: an integer in \[1, 16\]"):
         vllm_trainer.create_lora(rank=32)
+    # vLLM would load lm_head LoRA weights and not apply them (logprobs off by 0.57): refused up front
+    with pytest.raises(InvalidRequestError, match="train_unembed=True: the vllm engine does not apply LoRA"):
+        vllm_trainer.create_lora(rank=4, train_unembed=True)
     with pytest.raises(ContextLengthError, match=r"prompts\[0\] is 256 tokens long; allowed: at most 255"):
         vllm_trainer.sample(adapter, [[5] * 256])
     assert_same_snapshot(before, snapshot(vllm_trainer))
