@@ -29,7 +29,13 @@ class Config(BaseSettings):
     engine: str = Field("auto", description=(
         "Sampler: `auto` (vllm where it imports, else pytorch), `pytorch`, `vllm`, or a third-party "
         "engine registered under the entry-point group `colo.engines`."))
-    engine_url: str | None = Field(None, description="Server URL for the HTTP engines.")
+    engine_url: str | None = Field(None, description=(
+        "Server URL for the HTTP engines `vllm-http`, `sglang`, `mlx`, `openai`, e.g. `http://127.0.0.1:8001`."))
+    engine_adapter_dir: str | None = Field(None, description=(
+        "Where the HTTP engines write each adapter version for the server to load; the server must read the same "
+        "path. Default: a fresh temporary directory, right for a server on this machine."))
+    engine_timeout_seconds: float = Field(300.0, gt=0, description=(
+        "How long an HTTP engine waits for one server answer; connection errors are retried 3 times with backoff."))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device: `auto` picks cuda when available.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype: `auto` is bfloat16 (float32 where the device lacks bfloat16).")

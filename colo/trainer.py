@@ -204,6 +204,24 @@ class Trainer:
         return str(export_peft(path, self.policy.peft_config(state.lora),
                                {k: p.data for k, p in state.params.items()}))
 
+    def set_engine(self, engine: str, **overrides) -> None:
+        """Sample through another engine from now on (say, after a server died); every adapter's newest
+        version is published to it. ``overrides`` are config settings, e.g. ``engine_url``."""
+        config = Config(**{**self.config.model_dump(), **overrides, "engine": engine})
+        new = create_engine(engine, EngineContext(config, self.model_path, self.policy, self.max_len))
+        if new.max_adapters is not None and len(self.adapters) > new.max_adapters:
+            new.shutdown()
+            raise InvalidRequestError(f"{len(self.adapters)} adapters are live; the {new.name} engine holds at most "
+                                      f"{new.max_adapters} (COLO_MAX_LORAS)")
+        old, self.engine, self.config = self.engine, new, config
+        self.sleep = SleepControl(new, config.sleep_level)
+        try:
+            old.shutdown()
+        except Exception as e:  # the old engine may be what failed; the Trainer does not depend on it
+            log.warning("colo: shutting down engine %s failed: %s", old.name, e)
+        for state in self.adapters.values():
+            self._publish(state)
+
     def close(self) -> None:
         self.engine.shutdown()
 

@@ -15,6 +15,10 @@ ENTRY_POINT_GROUP = "colo.engines"
 BUILTIN: dict[str, str] = {
     "pytorch": "engines.pytorch_engine:PyTorchEngine",
     "vllm": "engines.vllm_engine:VLLMEngine",
+    "vllm-http": "engines.vllm_http_engine:VLLMHTTPEngine",
+    "sglang": "engines.sglang_engine:SGLangEngine",
+    "mlx": "engines.mlx_engine:MLXEngine",
+    "openai": "engines.openai_engine:OpenAIEngine",
 }
 
 
