@@ -27,8 +27,9 @@ class Config(BaseSettings):
         "cache), a local Hugging Face model directory, or a hub id."))
     model_cache_dir: str = Field("~/.cache/colo/models", description="Where the embedded default model is converted to.")
     engine: str = Field("auto", description=(
-        "Sampler: `auto` (vllm where it imports, else pytorch), `pytorch`, `vllm`, or a third-party "
-        "engine registered under the entry-point group `colo.engines`."))
+        "Sampler: `auto` (vllm where it imports, else pytorch), `pytorch`, `vllm`, the server engines "
+        "`vllm-http`, `sglang`, `mlx`, `openai` (with COLO_ENGINE_URL), or a third-party engine registered "
+        "under the entry-point group `colo.engines`."))
     engine_url: str | None = Field(None, description=(
         "Server URL for the HTTP engines `vllm-http`, `sglang`, `mlx`, `openai`, e.g. `http://127.0.0.1:8001`."))
     engine_adapter_dir: str | None = Field(None, description=(
