@@ -58,7 +58,7 @@ def test_sdk_overfits_saves_for_sampler_and_recites(service, tokens):
 
     path = tc.save_weights_for_sampler("recite").result().path
     assert path.startswith("tinker://") and path.endswith("/sampler_weights/recite")
-    sampler = tc.create_sampling_client(path)
+    sampler = tc.create_sampling_client(path).result()
     assert greedy(sampler, seq[:3], len(seq) - 3) == seq[3:]
     assert tc.get_tokenizer().encode("the quick") == seq[:len(tokens("the quick"))]
 
