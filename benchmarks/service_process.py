@@ -48,7 +48,8 @@ def colo_service(port: int, log: Path, **env: str) -> subprocess.Popen:
 def vllm_serve(model: str, port: int, log: Path, *extra: str) -> subprocess.Popen:
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
             "--port", str(port), *extra]
-    return start(argv, {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}, "/v1/models", port, log)
+    return start(argv, {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "1"}, "/v1/models", port,
+                 log)
 
 
 def stop(proc: subprocess.Popen) -> None:

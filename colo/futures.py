@@ -1,7 +1,8 @@
 """Request futures of the Tinker API: a POST answers ``{request_id}`` at once and the client polls
 ``/api/v1/retrieve_future`` for the result.
 
-A poll waits up to ``POLL_SECONDS`` for the job (long polling), then answers ``try_again``. A result
+A poll waits up to ``POLL_SECONDS`` for the job (long polling; the SDK gives up on a poll after 45 s),
+then answers ``try_again``. A result
 is kept until ``KEEP_SECONDS`` after it was first fetched (the SDK may fetch twice after a lost
 reply), and unfetched results until ``UNCLAIMED_SECONDS``, so memory stays bounded.
 """
@@ -16,7 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
-POLL_SECONDS = 20.0
+POLL_SECONDS = 30.0
 KEEP_SECONDS = 120.0
 UNCLAIMED_SECONDS = 3600.0
 

@@ -157,6 +157,9 @@ class Service:
         if m is None:
             return
         self.worker.close_order(model_id)
+        with self.lock:
+            for key in [k for k in self.seen if k[0] == model_id]:
+                del self.seen[key]
         frozen = [f for f in self.frozen if f.parent.parent.name == model_id]
 
         def delete(trainer: Trainer) -> None:
@@ -533,7 +536,10 @@ def create_app(service: Service) -> FastAPI:
         if item is None:
             raise HTTPError(404, f"unknown request_id {req.request_id!r}")
         if not await svc.futures.wait(item):
-            return {"type": "try_again", "request_id": req.request_id, "queue_state": "active"}
+            # still running: 408 with the try_again body makes the SDK poll again at once and quietly
+            # (a 200 try_again would log a warning on every poll of a long job)
+            return JSONResponse({"type": "try_again", "request_id": req.request_id, "queue_state": "active"},
+                                status_code=408)
         error = item.future.exception()
         if error is not None:
             user = isinstance(error, ColoError) and not isinstance(error, EngineError)

@@ -95,6 +95,31 @@ def test_snapshot_sampler_keeps_its_version_while_training_goes_on(service, toke
     assert max(abs(a - b) for a, b in zip(lp_before[1:], again[1:])) < 1e-4
 
 
+def test_save_state_then_load_it_into_the_same_and_into_a_new_training_client(service, tokens):
+    sc = client(service)
+    tc = sc.create_lora_training_client(base_model=service.model_name, rank=8, train_unembed=False).result()
+    seq = tokens("saved and loaded again")
+    overfit(tc, seq, steps=3)
+    path = tc.save_state("mid").result().path
+    assert path.endswith("/weights/mid")
+    saved = tc.forward([datum(seq)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    overfit(tc, seq, steps=2)  # move away from the checkpoint
+    moved = tc.forward([datum(seq)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    assert np.abs(moved - saved).max() > 1e-3
+
+    tc.load_state_with_optimizer(path).result()
+    back = tc.forward([datum(seq)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    np.testing.assert_allclose(back, saved, atol=1e-6)
+
+    fresh = sc.create_training_client_from_state_with_optimizer(path).result()
+    assert fresh.model_id != tc.model_id and fresh.get_info().lora_rank == 8
+    loaded = fresh.forward([datum(seq)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    np.testing.assert_allclose(loaded, saved, atol=1e-6)
+    # both continue identically from the same weights and optimizer state
+    a, b = overfit(tc, seq, steps=1), overfit(fresh, seq, steps=1)
+    assert a == pytest.approx(b, abs=1e-4)
+
+
 def test_three_clients_in_threads_train_and_sample_their_own_adapters(service, tokens):
     texts = ["alpha beta gamma delta", "one two three four five", "red orange yellow green"]
     results: dict[int, object] = {}
