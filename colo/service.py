@@ -57,7 +57,6 @@ class Session:
 class Model:
     tenant: str
     model_id: str
-    session_id: str
     adapter: str
     rank: int
 
@@ -180,7 +179,7 @@ class Service:
                 trainer.delete_lora(adapter)
 
     def add_model(self, tenant: str, session: Session, model_id: str, adapter: str, rank: int) -> None:
-        self.models[model_id] = Model(tenant, model_id, session_id_of(model_id), adapter, rank)
+        self.models[model_id] = Model(tenant, model_id, adapter, rank)
         session.models.add(model_id)
         self.worker.open_order(model_id, first_seq=1)
 
@@ -207,10 +206,6 @@ class Service:
             adapter = trainer.load_state(s.file)
             self.frozen[s.file] = adapter
         return adapter
-
-
-def session_id_of(model_id: str) -> str:
-    return model_id.split(":", 1)[0]
 
 
 # ---- HTTP ---------------------------------------------------------------------------------------------

@@ -127,9 +127,9 @@ def test_three_clients_in_threads_train_and_sample_their_own_adapters(service, t
     def run(i: int) -> None:
         try:
             seq = tokens(texts[i])
-            tc = client(service).create_lora_training_client(base_model=service.model_name, rank=8,
+            tc = client(service).create_lora_training_client(base_model=service.model_name, rank=8, seed=i,
                                                              train_unembed=False).result()
-            overfit(tc, seq)
+            overfit(tc, seq, steps=60)
             sampler = tc.save_weights_and_get_sampling_client().result()
             results[i] = (seq, greedy(sampler, seq[:2], len(seq) - 2))
         except BaseException as e:  # reported by the main thread
