@@ -116,6 +116,12 @@ class HTTPEngine(InferenceEngine):
     def path_of(self, version: Published) -> Path:
         return self.adapter_dir / re.sub(r"[^A-Za-z0-9._-]", "-", version.name)
 
+    @staticmethod
+    def result(version: Published | None, sequences, prompt_logprobs=None) -> SampleResult:
+        """A SampleResult that names the version that produced it."""
+        return SampleResult(sequences, version.key.adapter if version else None,
+                            version.key.version if version else None, prompt_logprobs)
+
     def max_new_tokens(self, request: SampleRequest) -> int:
         return min(request.params.max_tokens, self.max_model_len - len(request.prompt))
 

@@ -88,8 +88,7 @@ class MLXEngine(HTTPEngine):
                 raise EngineError(f"{self.url} read the prompt as {counted} tokens, colo sent {len(request.prompt)}: "
                                   "MLX-LM takes text, and its re-encoding of these ids differs")
             sequences.append(self._sequence(field(out, "choices", 0, url=self.url)))
-        return SampleResult(sequences, version.key.adapter if version else None,
-                            version.key.version if version else None)
+        return self.result(version, sequences)
 
     def _sequence(self, choice: dict) -> SampledSequence:
         steps = field(choice, "logprobs", "content", url=self.url)

@@ -70,8 +70,7 @@ class OpenAIEngine(HTTPEngine):
         if len(sequences) != request.num_samples:
             raise EngineError(f"{self.url}: asked for {request.num_samples} samples, got {len(sequences)}")
         prompt_logprobs = self._prompt_logprobs(choices[0], request.prompt) if request.prompt_logprobs else None
-        return SampleResult(sequences, version.key.adapter if version else None,
-                            version.key.version if version else None, prompt_logprobs)
+        return self.result(version, sequences, prompt_logprobs)
 
     def _sequence(self, choice: dict) -> SampledSequence:
         logprobs = field(choice, "logprobs", url=self.url)

@@ -66,8 +66,7 @@ class SGLangEngine(HTTPEngine):
             raise EngineError(f"{self.url}/generate: expected a list of {request.num_samples} results")
         sequences = [self._sequence(o) for o in out]
         prompt_logprobs = self._prompt_logprobs(out[0], request.prompt) if request.prompt_logprobs else None
-        return SampleResult(sequences, version.key.adapter if version else None,
-                            version.key.version if version else None, prompt_logprobs)
+        return self.result(version, sequences, prompt_logprobs)
 
     def _sequence(self, out: dict) -> SampledSequence:
         steps = field(out, "meta_info", "output_token_logprobs", url=self.url)
