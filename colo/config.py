@@ -47,8 +47,16 @@ class Config(BaseSettings):
         "Largest LoRA rank `create_lora` accepts. vLLM sizes every LoRA slot to it, so raise it only as "
         "far as needed: on CPU, 64 made rank-16 sampling 4x slower than 16."))
     max_model_len: int = Field(2048, ge=16, description="Longest sequence (prompt + completion) in tokens.")
-    sleep_level: Literal[0, 1, 2] = Field(
-        1, description=("vLLM sleep level while training (CUDA): 0 pauses scheduling only; 1 offloads the weights "
+    microbatch_tokens: int = Field(4096, ge=1, description=(
+        "Token budget of one training micro-batch: `forward_backward` and `forward` split their data into "
+        "micro-batches of at most this many (padded) tokens and add up the gradients, so memory follows this "
+        "budget, not the batch. A longer single sequence gets a micro-batch of its own. Raise it on a large GPU "
+        "for speed; lower it if training runs out of memory."))
+    gradient_checkpointing: bool = Field(False, description=(
+        "Recompute each decoder layer's activations in backward instead of keeping them: less memory per "
+        "token (longer sequences or a larger COLO_MICROBATCH_TOKENS), about a third more training compute."))
+    sleep_level: int = Field(
+        1, ge=0, le=2, description=("vLLM sleep level while training (CUDA): 0 pauses scheduling only; 1 offloads the weights "
                         "to CPU and drops the KV cache (the default: nothing to reload); 2 drops both, and "
                         "waking reloads the weights from disk (less host memory, slower wake)."))
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size.")

@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from functools import partial
 from typing import Iterator
 
 import peft
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.modeling_layers import GradientCheckpointingLayer
 
+from colo.errors import ConfigError
+from colo.microbatches import plan
 from colo.types import LoraConfig
 
 log = logging.getLogger(__name__)
 
 _ATTN_HINTS = ("attn", "attention")
 _MLP_HINTS = ("mlp", "feed_forward", "ffn")
+# float32 logits built at once while scoring: 2**25 values (128 MiB), e.g. 682 rows of a 49k vocabulary
+LOGIT_CHUNK_VALUES = 1 << 25
 
 
 def resolve_device(device: str) -> torch.device:
@@ -38,10 +45,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 class PolicyModel:
-    def __init__(self, path: str, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, path: str, device: torch.device, dtype: torch.dtype, microbatch_tokens: int = 4096,
+                 gradient_checkpointing: bool = False) -> None:
         self.path = path
         self.device = device
         self.dtype = dtype
+        self.microbatch_tokens = microbatch_tokens
+        self.gradient_checkpointing = gradient_checkpointing
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
         base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
         base.requires_grad_(False)
@@ -54,6 +64,9 @@ class PolicyModel:
         self.pad_token_id: int = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_token_ids: frozenset[int] = _eos_ids(base, self.tokenizer)
         self._modules = _linear_modules(base)
+        self.logit_chunk_rows = max(1, LOGIT_CHUNK_VALUES // self.vocab_size)
+        self.logit_softcap: float | None = getattr(base.config, "final_logit_softcapping", None)
+        self._check_scoring_path()
 
     # ---- adapters -------------------------------------------------------------------------------
 
@@ -126,25 +139,96 @@ class PolicyModel:
 
     # ---- scoring --------------------------------------------------------------------------------
 
+    def micro_batches(self, lengths: list[int]) -> list[list[int]]:
+        """Indices of the sequences, grouped into micro-batches under ``microbatch_tokens``."""
+        return plan(lengths, self.microbatch_tokens)
+
+    def score(self, model: torch.nn.Module, inputs: list[list[int]], targets: list[list[int]]) -> list[torch.Tensor]:
+        """``token_logprobs`` of any number of sequences without gradients, one micro-batch at a time."""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(inputs)
+        with torch.no_grad():
+            for group in self.micro_batches([len(x) for x in inputs]):
+                for i, lp in zip(group, self.token_logprobs(model, [inputs[i] for i in group],
+                                                            [targets[i] for i in group])):
+                    out[i] = lp
+        return out
+
     def token_logprobs(self, model: torch.nn.Module, inputs: list[list[int]], targets: list[list[int]]) -> list[torch.Tensor]:
         """logprob of ``targets[b][i]`` given ``inputs[b][: i + 1]``, one float32 tensor per sequence.
 
-        Sequences are right-padded into one batch; with a causal mask, padding after a sequence
-        cannot change its logprobs.
+        One forward over one micro-batch: the caller keeps it under the token budget (``score`` and
+        the Trainer do). Sequences are right-padded; with a causal mask, padding after a sequence
+        cannot change its logprobs. The logits are never built for the whole micro-batch: the final
+        hidden states of the real (unpadded) positions go through the output layer a chunk of rows
+        at a time, and under autograd each chunk's logits are recomputed in backward instead of kept.
         """
         length = max(len(x) for x in inputs)
         ids = torch.full((len(inputs), length), self.pad_token_id, dtype=torch.long)
-        tgt = torch.zeros((len(inputs), length), dtype=torch.long)
-        mask = torch.zeros((len(inputs), length), dtype=torch.long)
-        for b, (x, t) in enumerate(zip(inputs, targets)):
+        mask = torch.zeros((len(inputs), length), dtype=torch.bool)
+        for b, x in enumerate(inputs):
             ids[b, : len(x)] = torch.tensor(x)
-            tgt[b, : len(t)] = torch.tensor(t)
-            mask[b, : len(x)] = 1
-        ids, tgt, mask = ids.to(self.device), tgt.to(self.device), mask.to(self.device)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        # gather - logsumexp is log_softmax without a second (B, T, V) tensor
-        picked = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        return [picked[b, : len(x)] for b, x in enumerate(inputs)]
+            mask[b, : len(x)] = True
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        flat_targets = torch.tensor([t for ts in targets for t in ts], dtype=torch.long, device=self.device)
+        causal_lm = model.get_base_model() if isinstance(model, peft.PeftModel) else model
+        head = causal_lm.get_output_embeddings()
+        with self._checkpointed_layers(causal_lm):
+            hidden = causal_lm.get_decoder()(input_ids=ids, attention_mask=mask.long(), use_cache=False).last_hidden_state
+        hidden = hidden[mask]  # (real positions, hidden size), row after row
+        recompute = torch.is_grad_enabled()
+        chunks = []
+        for start in range(0, hidden.shape[0], self.logit_chunk_rows):
+            h = hidden[start: start + self.logit_chunk_rows]
+            t = flat_targets[start: start + self.logit_chunk_rows]
+            if recompute:
+                chunks.append(checkpoint(self._chunk_logprobs, head, h, t, use_reentrant=False))
+            else:
+                chunks.append(self._chunk_logprobs(head, h, t))
+        return list(torch.cat(chunks).split([len(x) for x in inputs]))
+
+    def _chunk_logprobs(self, head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden).float()
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        # gather - logsumexp is log_softmax without a second (rows, vocabulary) tensor
+        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    @contextmanager
+    def _checkpointed_layers(self, causal_lm: torch.nn.Module) -> Iterator[None]:
+        """Gradient checkpointing of the decoder layers while autograd records (``gradient_checkpointing``).
+
+        transformers checkpoints a layer only when that layer is in training mode; the model stays in
+        eval mode (see the module docstring), so only the layer objects themselves are flagged, not
+        their children: dropout and every other submodule keep behaving as in eval.
+        """
+        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+            yield
+            return
+        layers = [m for m in causal_lm.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for layer in layers:
+            layer.gradient_checkpointing = True
+            layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+            layer.training = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.gradient_checkpointing = False
+                layer.training = False
+
+    def _check_scoring_path(self) -> None:
+        """The hidden-states path must give the model's own logits; refuse a model whose head differs."""
+        probe = torch.arange(1, min(9, self.vocab_size), device=self.device).unsqueeze(0)
+        with torch.no_grad():
+            logits = self._base(input_ids=probe, use_cache=False).logits.float()[0, :-1]
+            expected = logits.gather(-1, probe[0, 1:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+            got = self.token_logprobs(self._base, [probe[0, :-1].tolist()], [probe[0, 1:].tolist()])[0]
+        gap = float((got - expected).abs().max())
+        tolerance = 1e-4 if self.dtype == torch.float32 else 5e-2
+        if not gap <= tolerance:
+            raise ConfigError(f"COLO_MODEL={self.path!r}: logprobs from the final hidden states differ from the model's own by "
+                             f"{gap:.3g}; colo's chunked scoring supports causal LMs whose logits are the output "
+                             "layer applied to the decoder's last hidden state (optionally soft-capped)")
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

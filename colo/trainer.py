@@ -41,7 +41,8 @@ class Trainer:
         self.config = config
         device = resolve_device(config.device)
         self.model_path = resolve_model(config.model, config.model_cache_dir)
-        self.policy = PolicyModel(self.model_path, device, resolve_dtype(config.dtype, device))
+        self.policy = PolicyModel(self.model_path, device, resolve_dtype(config.dtype, device),
+                                  config.microbatch_tokens, config.gradient_checkpointing)
         self.max_len = min(config.max_model_len, self.policy.max_positions)
         self.adapters: dict[str, Adapter] = {}
         self._ids = itertools.count(1)
@@ -157,8 +158,8 @@ class Trainer:
         check_context(len(tokens), self.max_len, "tokens")
         if len(tokens) == 1:
             return [None]
-        with torch.no_grad(), self.policy.active(adapter) as model:
-            lp = self.policy.token_logprobs(model, [tokens[:-1]], [tokens[1:]])[0]
+        with self.policy.active(adapter) as model:
+            lp = self.policy.score(model, [tokens[:-1]], [tokens[1:]])[0]
         return [None, *lp.tolist()]
 
     # ---- persistence ----------------------------------------------------------------------------
@@ -300,19 +301,27 @@ class Trainer:
         check_data(data, spec, loss_fn, self.policy.vocab_size, self.max_len)
         reclaimed = self.sleep.before_training() if backward else None
         device = self.policy.device
+        logprobs: list[torch.Tensor] = [torch.empty(0)] * len(data)
+        total = torch.zeros((), device=device)
+        # the loss is a sum over data, so each micro-batch's backward adds its share of the gradient
         with self.policy.active(adapter, train=backward) as model:
-            logprobs = self.policy.token_logprobs(
-                model, [d.model_input for d in data], [d.loss_fn_inputs["target_tokens"].tolist() for d in data])
-            total = torch.zeros((), device=device)
-            for lp, datum in zip(logprobs, data):
-                inputs = {k: v.to(device, torch.float32) for k, v in datum.loss_fn_inputs.items() if k != "target_tokens"}
-                total = total + spec.fn(lp, inputs, config)
-            if backward:
-                total.backward()
+            for group in self.policy.micro_batches([len(d.model_input) for d in data]):
+                batch = [data[i] for i in group]
+                lps = self.policy.token_logprobs(model, [d.model_input for d in batch],
+                                                 [d.loss_fn_inputs["target_tokens"].tolist() for d in batch])
+                loss = torch.zeros((), device=device)
+                for i, lp, datum in zip(group, lps, batch):
+                    inputs = {k: v.to(device, torch.float32) for k, v in datum.loss_fn_inputs.items()
+                              if k != "target_tokens"}
+                    loss = loss + spec.fn(lp, inputs, config)
+                    logprobs[i] = lp.detach()
+                if backward:
+                    loss.backward()
+                total += loss.detach()
         metrics = {"loss:sum": float(total.detach())}
         if reclaimed is not None:
             metrics["engine_sleep_reclaimed_bytes:sum"] = float(reclaimed)
         return ForwardBackwardOutput(
-            loss_fn_outputs=[{"logprobs": lp.detach().cpu()} for lp in logprobs],
+            loss_fn_outputs=[{"logprobs": lp.cpu()} for lp in logprobs],
             metrics=metrics,
         )

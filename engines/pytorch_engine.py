@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import torch
-
 from colo.types import SampleResult
 from engines.base import AdapterUpdate, Capabilities, InferenceEngine, SampleRequest
 from engines.generation import Row, generate, request_generator, to_sequence
@@ -63,9 +61,8 @@ class PyTorchEngine(InferenceEngine):
                              policy.tokenizer, policy.device)
                 scored = [i for i in indices if requests[i].prompt_logprobs and len(requests[i].prompt) > 1]
                 if scored:
-                    with torch.no_grad():
-                        lps = policy.token_logprobs(model, [requests[i].prompt[:-1] for i in scored],
-                                                    [requests[i].prompt[1:] for i in scored])
+                    lps = policy.score(model, [requests[i].prompt[:-1] for i in scored],
+                                       [requests[i].prompt[1:] for i in scored])
                     prompt_logprobs = {i: [None, *lp.tolist()] for i, lp in zip(scored, lps)}
             version = self.versions.get(adapter) if adapter else None
             for i, group in zip(indices, groups):

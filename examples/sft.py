@@ -20,8 +20,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from colo import AdamParams, Datum, Trainer
-from grpo_arithmetic import Settings as TaskSettings
-from grpo_arithmetic import accuracy, parse_settings, prompt_tokens, split_questions
+from colo.arithmetic_task import accuracy, prompt_tokens, split_questions
+from colo.script_flags import parse_settings
 
 
 @dataclass
@@ -69,9 +69,8 @@ def main() -> None:
     trainer = Trainer.from_env()
     tok = trainer.tokenizer
     adapter = trainer.create_lora(rank=settings.rank, seed=settings.seed)
-    greedy = TaskSettings(max_operand=settings.max_operand)
 
-    before = accuracy(trainer, adapter, held_out, greedy)
+    before = accuracy(trainer, adapter, held_out)
     print(f"held-out accuracy before training: {before:.1%}")
     rows = []
     with open(out / "metrics.jsonl", "w") as log, tqdm(range(1, settings.steps + 1), desc="SFT", unit="step") as bar:
@@ -86,7 +85,7 @@ def main() -> None:
             rows.append(row)
             log.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{row['loss_per_token']:.3f}")
-    after = accuracy(trainer, adapter, held_out, greedy)
+    after = accuracy(trainer, adapter, held_out)
     plot(rows, out / "loss.png")
     (out / "summary.json").write_text(json.dumps(
         {"held_out_accuracy_before": before, "held_out_accuracy_after": after, "settings": asdict(settings)}, indent=2))

@@ -5,6 +5,18 @@ import torch
 from colo import AdamParams, Datum
 
 
+# The losses of colo.losses written out again independently, with the default clip thresholds (0.8, 1.2):
+# references for tests of the Trainer's loss plumbing. ``x`` is a datum's loss_fn_inputs in float32.
+CLIP = (0.8, 1.2)
+REFERENCE_LOSSES = {
+    "cross_entropy": lambda lp, x: -(x["weights"] * lp).sum(),
+    "importance_sampling": lambda lp, x: -(torch.exp(lp - x["logprobs"]) * x["advantages"]).sum(),
+    "ppo": lambda lp, x: -torch.minimum(torch.exp(lp - x["logprobs"]) * x["advantages"],
+                                        torch.exp(lp - x["logprobs"]).clamp(*CLIP) * x["advantages"]).sum(),
+    "cispo": lambda lp, x: -(torch.exp(lp - x["logprobs"]).clamp(*CLIP).detach() * lp * x["advantages"]).sum(),
+}
+
+
 def encode(trainer, text: str) -> list[int]:
     return trainer.tokenizer.encode(text)
 

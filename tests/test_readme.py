@@ -1,19 +1,62 @@
-"""The README documents every setting and starts with the two commands."""
+"""The README's promises: its configuration table is what Config does, every COLO_ variable it names
+exists, and its two opening commands are targets that make can run."""
 
+import re
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from colo.config import Config
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+TABLE = {m[1]: (m[2], m[3]) for m in re.finditer(r"^\| `(COLO_\w+)` \| `([^`]*)` \| (.*) \|$", README, re.M)}
 
 
-def test_every_setting_is_documented():
-    for var, default, description in Config.field_docs():
-        assert f"| `{var}` | `{default}` | {description} |" in README, var
+def test_the_table_lists_every_setting_with_its_real_default():
+    fields = {var: (default, description) for var, default, description in Config.field_docs()}
+    assert TABLE.keys() == fields.keys()
+    defaults = Config(_env_file=None)
+    for var, (default, description) in TABLE.items():
+        assert (default, description) == fields[var], var
+        assert repr(getattr(defaults, var.removeprefix("COLO_").lower())) == default, var
 
 
-def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
+# a valid value other than the default for every setting: a new setting must be added here
+OTHER_VALUES = {
+    "COLO_MODEL": ("/models/x", "/models/x"), "COLO_MODEL_CACHE_DIR": ("/tmp/m", "/tmp/m"),
+    "COLO_ENGINE": ("pytorch", "pytorch"), "COLO_ENGINE_URL": ("http://h:1", "http://h:1"),
+    "COLO_ENGINE_ADAPTER_DIR": ("/tmp/a", "/tmp/a"), "COLO_ENGINE_TIMEOUT_SECONDS": ("7.5", 7.5),
+    "COLO_DEVICE": ("cpu", "cpu"), "COLO_DTYPE": ("float32", "float32"),
+    "COLO_GPU_MEMORY_UTILIZATION": ("0.5", 0.5), "COLO_CPU_KVCACHE_SPACE_GIB": ("2", 2),
+    "COLO_MAX_LORAS": ("8", 8), "COLO_MAX_LORA_RANK": ("32", 32), "COLO_MAX_MODEL_LEN": ("512", 512),
+    "COLO_MICROBATCH_TOKENS": ("1024", 1024), "COLO_GRADIENT_CHECKPOINTING": ("true", True),
+    "COLO_SLEEP_LEVEL": ("2", 2), "COLO_TENSOR_PARALLEL_SIZE": ("2", 2), "COLO_HOST": ("0.0.0.0", "0.0.0.0"),
+    "COLO_PORT": ("8123", 8123), "COLO_API_KEYS": ("k:t", "k:t"), "COLO_CHECKPOINT_DIR": ("/tmp/c", "/tmp/c"),
+    "COLO_SEED": ("5", 5),
+}
+
+
+@pytest.mark.parametrize("var", sorted(TABLE))
+def test_each_documented_variable_is_read_from_the_environment(var, monkeypatch):
+    text, value = OTHER_VALUES[var]
+    name = var.removeprefix("COLO_").lower()
+    assert value != getattr(Config(), name)
+    monkeypatch.setenv(var, text)
+    assert getattr(Config(), name) == value
+
+
+def test_every_colo_variable_the_readme_mentions_exists():
+    mentioned = set(re.findall(r"\bCOLO_[A-Z_]+[A-Z]\b", README)) - {"COLO_CONFIG"}
+    assert mentioned <= set(TABLE), mentioned - set(TABLE)
+
+
+def test_readme_starts_with_the_two_commands_that_make_can_run_and_ci_runs_the_test_one():
     first_block = README.split("```bash\n", 1)[1].split("```", 1)[0]
-    assert [line.split("#")[0].strip() for line in first_block.strip().splitlines()] == ["make demo", "make test"]
-    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
-    assert "make test" in ci
+    commands = [line.split("#")[0].strip() for line in first_block.strip().splitlines()]
+    assert commands == ["make demo", "make test"]
+    for command in commands:  # a dry run: the target and what it depends on exist
+        proc = subprocess.run([*command.split(), "-n"], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == "make test"

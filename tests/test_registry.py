@@ -59,8 +59,15 @@ def test_builtin_engines():
     assert PyTorchEngine.capabilities.shares_trainer_weights
 
 
-def test_auto_resolves_to_an_engine_that_exists():
-    assert resolve_name("auto") in engine_names()
+def test_auto_is_vllm_where_vllm_imports_and_pytorch_where_it_does_not(monkeypatch):
+    import importlib.util
+
+    assert importlib.util.find_spec("vllm") is not None  # the project installs vllm(-cpu) on every machine
+    assert resolve_name("auto") == "vllm"
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    assert resolve_name("auto") == "pytorch"
+    assert resolve_name("vllm") == "vllm"  # a named engine is taken as named
 
 
 def test_third_party_engine_is_found_and_used(installed_plugin, tiny_model_dir):
