@@ -13,19 +13,29 @@ HEADER = "# Benchmarks\n\nEach section is written by the script it names; rerun 
 
 def machine() -> str:
     import torch
-    import vllm
 
-    cpu = platform.processor() or "unknown CPU"
+    try:
+        import vllm
+
+        vllm_version = f"vLLM {vllm.__version__}"
+    except ImportError:  # a CUDA machine may run the benchmarks without vLLM
+        vllm_version = "no vLLM"
+    cpu, flags = platform.processor() or "unknown CPU", set()
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
+    # bf16 matmul speed on CPU hinges on these: without them bf16 is emulated and can lose to fp32
+    bf16 = (", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx512_bf16", "amx_bf16"))
+            if flags else "CPU flags unknown")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, vLLM {vllm.__version__}")
+    return (f"{cpu} ({bf16}), {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}, {vllm_version}")
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:

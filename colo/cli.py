@@ -1,8 +1,9 @@
-"""The ``colo`` command: prepare the default model, show the configuration, list engines."""
+"""The ``colo`` command: prepare the default model, show the configuration, list engines, find the allocator."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from colo.errors import ConfigError
@@ -14,7 +15,18 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("prepare-model", help="convert the default model into the model cache once; print its path")
     sub.add_parser("config", help="print the effective configuration (COLO_* and COLO_CONFIG applied)")
     sub.add_parser("engines", help="list the engines that COLO_ENGINE can name")
+    sub.add_parser("allocator", help="print the path of the mimalloc library to preload for CPU training "
+                   "(LD_PRELOAD=$(colo allocator) python train.py)")
     args = parser.parse_args(argv)
+
+    if args.command == "allocator":
+        path = mimalloc_path()
+        if path is None:
+            print("colo: mimalloc is not installed (it comes with colo's cpu extra: pip install 'colo[cpu]')",
+                  file=sys.stderr)
+            return 1
+        print(path)
+        return 0
 
     try:
         from colo.config import Config
@@ -45,3 +57,16 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def mimalloc_path() -> str | None:
+    """The mimalloc shared library of the ``cmeel-mimalloc`` package, where it is installed."""
+    try:
+        import cmeel
+    except ImportError:
+        return None
+    for root in cmeel.__path__:
+        path = os.path.normpath(os.path.join(root, "..", "cmeel.prefix", "lib", "libmimalloc.so"))
+        if os.path.exists(path):
+            return path
+    return None

@@ -126,7 +126,7 @@ def test_plan_keeps_every_micro_batch_under_the_budget():
 
 
 MEMORY_SCRIPT = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     import torch
     sys.path.insert(0, sys.argv[1])
     from tiny_model import build_tiny_model
@@ -139,7 +139,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
     a = t.create_lora(rank=8, seed=0)
     g = torch.Generator().manual_seed(0)
     data = [Datum.from_sequence(torch.randint(3, 500, (LENGTH + 1,), generator=g).tolist()) for _ in range(MANY)]
-    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: ru_maxrss carries over the parent's peak across exec
+    peak = lambda: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
     t.forward(a, data[:1])  # first-call allocations
     base = peak()
     t.forward_backward(a, data[:FEW])
