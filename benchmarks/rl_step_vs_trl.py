@@ -60,6 +60,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+RUNS_FILE = ROOT / "runs" / "benchmarks" / "rl_step_vs_trl.json"
 QUESTIONS, GROUP, MAX_TOKENS, LR, RANK = 8, 8, 12, 5e-4, 16
 MAX_OPERAND, HELD_OUT = 19, 40
 MODEL = "SmolLM2-135M-Instruct"
@@ -276,6 +277,7 @@ def main() -> None:
     parser.add_argument("--trl-precision", choices=list(TRL_PRECISION), default="bf16",
                         help="bf16: fp32 weights + bf16 autocast (TRL's bf16=True); bf16-weights: bf16 weights too")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--report", help="write the report from the runs kept in this file; run nothing")
     parser.add_argument("--part", choices=["colo", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--skip", action="store_true", help=argparse.SUPPRESS)
@@ -288,12 +290,18 @@ def main() -> None:
         print("RESULT " + json.dumps(out))
         return
 
-    from benchmarks.report import machine, table, write_section
+    from benchmarks.report import machine, preloaded_allocator, table, write_section
 
-    runs: dict[str, list[dict]] = defaultdict(list)
-    for seed in range(args.seeds):
-        for part in ("colo", "trl") + (("colo-skip",) if seed < args.skip_seeds else ()):
-            runs[part].append(run_part(part, seed, args))
+    if args.report:  # a report from the runs a previous invocation kept
+        runs = json.loads(Path(args.report).read_text())
+    else:
+        runs: dict[str, list[dict]] = defaultdict(list)
+        for seed in range(args.seeds):
+            for part in ("colo", "trl") + (("colo-skip",) if seed < args.skip_seeds else ()):
+                runs[part].append(run_part(part, seed, args))
+        RUNS_FILE.parent.mkdir(parents=True, exist_ok=True)
+        RUNS_FILE.write_text(json.dumps(runs))
+        print(f"runs kept in {RUNS_FILE} (--report {RUNS_FILE} writes the report again)")
 
     s = {part: summarize(rs) for part, rs in runs.items()}
     trl_step = s["trl"]["step"][0]
@@ -327,6 +335,7 @@ def main() -> None:
                   f"a step on average and takes the step to {k['step'][0] / trl_step:.2f}x TRL's.")
     print(where)
 
+    allocator = preloaded_allocator()
     colo_engine = runs["colo"][0]["engine"]
     weights, bf16 = TRL_PRECISION[args.trl_precision]
     trl_precision = f"{weights} weights" + (", bf16 autocast (`bf16=True`)" if bf16 else ", `bf16=False`")
@@ -335,8 +344,6 @@ def main() -> None:
                f"--skip-seeds {args.skip_seeds} --threads {args.threads} --colo-dtype {args.colo_dtype} "
                f"--trl-precision {args.trl_precision} --device {args.device}")
     skip_runs = f"seeds 0-{args.skip_seeds - 1}" if args.skip_seeds > 1 else "seed 0 only"
-    preload = os.environ.get("LD_PRELOAD", "")
-    allocator = next((a for a in ("mimalloc", "tcmalloc", "jemalloc") if a in preload), "glibc malloc")
     write_section("rl_step_vs_trl", f"""
 ## RL step time, equal work: colo vs TRL GRPOTrainer
 

@@ -1,7 +1,7 @@
 """Training memory and speed: peak memory and tokens/s of one ``forward_backward`` against batch size
 and sequence length, on the default model, before (the one-shot path of commit 894a076: the whole
 batch in one forward, float32 logits of every position) and after (micro-batches under
-``COLO_MICROBATCH_TOKENS``, logprobs in chunks; with and without gradient checkpointing).
+``COLO_MICROBATCH_TOKENS``, logprobs in chunks; without and with gradient checkpointing, the default).
 
 Each measurement runs in a fresh process (the ``pytorch`` engine, no vLLM, so only training memory
 counts): load the model, make a rank-16 LoRA on every linear layer, one small warm-up
@@ -11,7 +11,7 @@ RSS before it (on CUDA: peak allocated GPU memory); tokens/s is batch x length o
 time. ``--repeats`` processes per cell; the table gives the median time with its range and the
 largest peak. The "before" rows check out the old commit into a temporary git worktree.
 
-    .venv/bin/python benchmarks/train_memory.py [--repeats 2] [--device cpu|cuda] [--before 894a076]
+    LD_PRELOAD=$(.venv/bin/colo allocator) .venv/bin/python benchmarks/train_memory.py [--repeats 2] [--device cpu|cuda] [--before 894a076]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import machine, table, write_section  # noqa: E402
+from benchmarks.report import machine, preloaded_allocator, table, write_section  # noqa: E402
 
 WORKLOAD = r"""
 import json, sys, time
@@ -40,19 +40,12 @@ batch, length, device = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 settings = json.loads(sys.argv[5])
 torch.set_num_threads(int(sys.argv[6]))
 
-def hwm_bytes():
+def memory_bytes(peak):
+    """Peak (VmHWM) or current (VmRSS) resident memory; on CUDA, torch's allocated memory."""
     if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) * 1024
-
-def rss_bytes():
-    if device == "cuda":
-        return torch.cuda.memory_allocated()
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) * 1024
+        return torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
+    field = "VmHWM" if peak else "VmRSS"
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
 
 def data(n, width, gen):
     out = []
@@ -70,14 +63,14 @@ work = data(batch, length, gen)
 if device == "cuda":
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-base = rss_bytes()
+base = memory_bytes(peak=False)
 # VmHWM only grows: the peak of the measured call shows only if it exceeds what came before
 started = time.perf_counter()
 trainer.forward_backward(adapter, work, "importance_sampling")
 if device == "cuda":
     torch.cuda.synchronize()
 seconds = time.perf_counter() - started
-print("RESULT " + json.dumps({"seconds": seconds, "peak_bytes": hwm_bytes() - base}))
+print("RESULT " + json.dumps({"seconds": seconds, "peak_bytes": memory_bytes(peak=True) - base}))
 """
 
 # (batch, length, micro-batch budget): the first two are the issue's acceptance pair (64 datums under
@@ -118,7 +111,8 @@ def main() -> None:
     args = parser.parse_args()
 
     before = old_worktree(args.before) if args.before else None
-    variants = [("after", ROOT, {}), ("after + grad ckpt", ROOT, {"gradient_checkpointing": True})]
+    variants = [("after, no grad ckpt", ROOT, {"gradient_checkpointing": False}),
+                ("after (default: grad ckpt)", ROOT, {"gradient_checkpointing": True})]
     if before is not None:
         variants.insert(0, (f"before ({args.before})", before, None))
     rows, cells = [], {}
@@ -158,6 +152,7 @@ per row, {args.threads} threads, device {args.device}. Peak: the process's peak 
 `forward_backward` minus its RSS before it{' (CUDA: peak allocated)' if args.device == 'cuda' else ''}.
 "before" is commit {args.before or '(skipped)'}: the whole batch in one forward with float32 logits of every
 position; "after": micro-batches under `COLO_MICROBATCH_TOKENS` (the column) and logprobs in chunks.
+Allocator: {preloaded_allocator()} (the same for every row).
 
 Machine: {machine()}.
 
@@ -167,7 +162,7 @@ Memory against the number of datums at a fixed micro-batch budget (8 datums' tok
 
 {table(headers, rows)}
 
-Command: `.venv/bin/python benchmarks/train_memory.py --repeats {args.repeats} --device {args.device}`
+Command: `{"LD_PRELOAD=$(.venv/bin/colo allocator) " if preloaded_allocator() == "mimalloc" else ""}.venv/bin/python benchmarks/train_memory.py --repeats {args.repeats} --device {args.device}`
 """)
 
 
