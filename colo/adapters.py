@@ -36,6 +36,18 @@ class Adapter:
                 out[f"{key}.{name}"] = torch.as_tensor(value).detach().cpu().clone()
         return out
 
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Copies of the weights and the AdamW state, for ``restore``."""
+        return {k: p.detach().clone() for k, p in self.params.items()}, self.optimizer_tensors()
+
+    def restore(self, snapshot: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]) -> None:
+        weights, optimizer = snapshot
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(weights[k])
+        self.optimizer.state.clear()
+        self.load_optimizer_tensors(optimizer)
+
     def load_optimizer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         for key, p in self.params.items():
             state = {name: tensors[f"{key}.{name}"].to(p.device) for name in ("step", "exp_avg", "exp_avg_sq")

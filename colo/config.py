@@ -46,6 +46,9 @@ class Config(BaseSettings):
     max_lora_rank: int = Field(16, ge=1, le=512, description=(
         "Largest LoRA rank `create_lora` accepts. vLLM sizes every LoRA slot to it, so raise it only as "
         "far as needed: on CPU, 64 made rank-16 sampling 4x slower than 16."))
+    max_samples_per_request: int = Field(1024, ge=1, description=(
+        "Most samples one request may ask for (`num_samples`): a bound that keeps one request from holding "
+        "the sampler for long."))
     max_model_len: int = Field(2048, ge=16, description="Longest sequence (prompt + completion) in tokens.")
     microbatch_tokens: int = Field(4096, ge=1, description=(
         "Token budget of one training micro-batch: `forward_backward` and `forward` split their data into "

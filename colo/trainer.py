@@ -24,7 +24,8 @@ from colo.model import PolicyModel, resolve_device, resolve_dtype
 from colo.sleep import SleepControl
 from colo.types import (AdamParams, Datum, ForwardBackwardOutput, LoraConfig, OptimStepOutput, SampleJob,
                         SampleResult, SamplingParams)
-from colo.validation import as_tokens, check_adam, check_context, check_data, check_loss, check_sampling, check_tokens
+from colo.validation import (MAX_SEED, as_tokens, check_adam, check_context, check_data, check_loss, check_sampling,
+                             check_tokens)
 from engines.base import AdapterUpdate, AdapterVersion, EngineContext, SampleRequest
 from engines.registry import create_engine
 
@@ -71,6 +72,8 @@ class Trainer:
         lora = LoraConfig(rank=rank, alpha=alpha, train_attn=train_attn, train_mlp=train_mlp,
                           train_unembed=train_unembed)
         self._check_lora(lora)
+        if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED):
+            raise InvalidRequestError(f"LoRA seed {seed!r}; allowed: None or an integer in [0, 2**63 - 1]")
         self._check_room()
         n = next(self._ids)
         # without a seed, adapter n of a run is still reproducible from COLO_SEED
@@ -117,8 +120,15 @@ class Trainer:
         if adam.grad_clip_norm > 0 and grads:
             torch.nn.utils.clip_grads_with_norm_(params, adam.grad_clip_norm, torch.tensor(grad_norm))
         state.set_hyperparameters(adam)
+        before = state.snapshot()
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            # a NaN or inf weight would poison every later sample of this adapter: undo the whole step
+            state.restore(before)
+            raise InvalidRequestError(f"this step would make weights of {adapter} NaN or infinite (gradient norm "
+                                      f"{grad_norm:.3g}, learning rate {adam.learning_rate}); it was undone and the "
+                                      "gradients dropped; allowed: steps that keep the weights finite")
         state.version += 1
         started = time.perf_counter()
         self._publish(state)
@@ -152,8 +162,11 @@ class Trainer:
     def _sample_request(self, job: SampleJob, i: int) -> SampleRequest:
         key = AdapterVersion(job.adapter, self._adapter(job.adapter).version) if job.adapter is not None else None
         prompt = as_tokens(job.prompt, f"prompts[{i}]")
-        check_sampling([prompt], job.num_samples, job.params, self.policy.vocab_size, self.max_len, index=i)
-        return SampleRequest(prompt, job.num_samples, job.params, key, job.prompt_logprobs)
+        check_sampling([prompt], job.num_samples, job.params, self.policy.vocab_size, self.max_len,
+                       self.config.max_samples_per_request, index=i)
+        request = SampleRequest(prompt, job.num_samples, job.params, key, job.prompt_logprobs)
+        self.engine.check(request)  # what this engine refuses fails this job, not the batch it joins
+        return request
 
     def compute_logprobs(self, adapter: str | None, tokens: Sequence[int]) -> list[float | None]:
         """logprob of each token given those before it; the first has none."""
@@ -275,6 +288,9 @@ class Trainer:
             if ckpt.weights[k].shape != p.shape:
                 raise CheckpointError(f"checkpoint {str(path)!r}: {k} has shape {tuple(ckpt.weights[k].shape)}, "
                                       f"this model needs {tuple(p.shape)}")
+            if not bool(torch.isfinite(ckpt.weights[k]).all()):
+                raise CheckpointError(f"checkpoint {str(path)!r}: {k} holds NaN or infinite values; allowed: "
+                                      "finite weights")
 
     def _add(self, adapter_id: str, lora: LoraConfig, seed: int, publish: bool = True) -> str:
         self.policy.add_adapter(adapter_id, lora, seed)

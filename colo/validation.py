@@ -87,29 +87,34 @@ def check_data(data: Sequence[Datum], spec: LossSpec, loss_fn: str, vocab_size: 
 
 def check_adam(adam: AdamParams) -> None:
     rules = [
-        ("learning_rate", adam.learning_rate >= 0, ">= 0"),
-        ("beta1", 0 <= adam.beta1 < 1, "in [0, 1)"),
-        ("beta2", 0 <= adam.beta2 < 1, "in [0, 1)"),
-        ("eps", adam.eps > 0, "> 0"),
-        ("weight_decay", adam.weight_decay >= 0, ">= 0"),
-        ("grad_clip_norm", adam.grad_clip_norm >= 0, ">= 0 (0: no clipping)"),
+        # Adam moves each weight by about the learning rate a step: above 1 a LoRA only diverges
+        ("learning_rate", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("eps", lambda v: v > 0, "> 0"),
+        ("weight_decay", lambda v: v >= 0, ">= 0"),
+        ("grad_clip_norm", lambda v: v >= 0, ">= 0 (0: no clipping)"),
     ]
     for name, ok, allowed in rules:
         value = getattr(adam, name)
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
+        if not (_is_number(value) and math.isfinite(value) and ok(value)):
             raise InvalidRequestError(f"AdamParams.{name}={value!r}; allowed: {allowed}")
 
 
 def check_sampling(prompts: Sequence[Sequence[int]], num_samples: int, params: SamplingParams,
-                   vocab_size: int, max_len: int, index: int = 0) -> None:
+                   vocab_size: int, max_len: int, max_samples: int, index: int = 0) -> None:
     """``index`` is the position of ``prompts[0]`` in the caller's list, for the messages."""
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise InvalidRequestError(f"num_samples={num_samples!r}; allowed: an integer >= 1")
+    if not _is_int(num_samples) or not 1 <= num_samples <= max_samples:
+        raise InvalidRequestError(f"num_samples={num_samples!r}; allowed: an integer in [1, {max_samples}] "
+                                  "(COLO_MAX_SAMPLES_PER_REQUEST)")
+    seed = params.seed
     rules = [
-        ("max_tokens", isinstance(params.max_tokens, int) and params.max_tokens >= 1, "an integer >= 1"),
-        ("temperature", params.temperature >= 0, ">= 0 (0: greedy)"),
-        ("top_p", 0 < params.top_p <= 1, "in (0, 1]"),
-        ("top_k", isinstance(params.top_k, int) and (params.top_k == -1 or params.top_k >= 1), "-1 (all) or >= 1"),
+        ("max_tokens", _is_int(params.max_tokens) and params.max_tokens >= 1, "an integer >= 1"),
+        ("temperature", _is_number(params.temperature) and 0 <= params.temperature < math.inf,
+         "a finite number >= 0 (0: greedy)"),
+        ("top_p", _is_number(params.top_p) and 0 < params.top_p <= 1, "in (0, 1]"),
+        ("top_k", _is_int(params.top_k) and (params.top_k == -1 or params.top_k >= 1), "-1 (all) or >= 1"),
+        ("seed", seed is None or (_is_int(seed) and 0 <= seed <= MAX_SEED), "None or an integer in [0, 2**63 - 1]"),
     ]
     for name, ok, allowed in rules:
         if not ok:
@@ -123,3 +128,11 @@ def check_sampling(prompts: Sequence[Sequence[int]], num_samples: int, params: S
         check_tokens(prompt, vocab_size, f"prompts[{i}]")
         # at least one position must be left to sample into
         check_context(len(prompt), max_len - 1, f"prompts[{i}]")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)

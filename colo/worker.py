@@ -225,8 +225,21 @@ class Worker:
         except BaseException as e:
             if not isinstance(e, ColoError):
                 log.exception("sample batch failed")
-            for item in items:
-                item.future.set_exception(e)
+            if len(jobs) == 1:
+                items[0].future.set_exception(e)
+                return
+            # whatever failed the batch must fail only the request that caused it: each runs again alone
+            log.warning("a sample batch of %d requests failed (%s); running each alone", len(jobs), e)
+            for job, item in zip(jobs, items):
+                self._run_samples_alone(job, item)
             return
         for item, result in zip(items, results):
             item.future.set_result(result)
+
+    def _run_samples_alone(self, job: SampleJob, item: _SampleItem) -> None:
+        try:
+            item.future.set_result(self.trainer.sample_batch([job])[0])
+        except BaseException as e:
+            if not isinstance(e, ColoError):
+                log.exception("sample request failed")
+            item.future.set_exception(e)

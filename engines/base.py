@@ -84,6 +84,10 @@ class InferenceEngine(ABC):
     def release(self, adapter: str) -> None:
         """The adapter was deleted: forget every version of it (once in-flight requests are done)."""
 
+    def check(self, request: SampleRequest) -> None:
+        """Raise ``InvalidRequestError`` if this engine would refuse ``request``: called for each request
+        before it joins a batch, so that one request's value can never fail the others."""
+
     @abstractmethod
     def sample(self, requests: list[SampleRequest]) -> list[SampleResult]:
         """One result per request, in order. Requests are already validated by the Trainer."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from colo.errors import EngineError
+from colo.errors import EngineError, InvalidRequestError
 from colo.types import SampledSequence, SampleResult
 from engines import vllm_lora
 from engines.base import AdapterUpdate, Capabilities, EngineContext, InferenceEngine, SampleRequest
@@ -142,7 +142,32 @@ class VLLMEngine(InferenceEngine):
 
     # ---- sampling -------------------------------------------------------------------------------
 
+    def check(self, request: SampleRequest) -> None:
+        try:
+            self._params(request)  # vLLM's own checks of its sampling parameters
+        except Exception as e:  # vLLM's validation errors are not ValueErrors
+            raise InvalidRequestError(f"the vllm engine refuses these sampling parameters: {e}") from None
+
     def sample(self, requests: list[SampleRequest]) -> list[SampleResult]:
+        try:
+            return self._sample(requests)
+        except Exception as e:
+            # vLLM keeps a failed batch's requests scheduled, and the next generate would run them
+            # forever: abort them so the engine serves the next batch
+            log.exception("vLLM failed on a batch of %d requests; aborting them", len(requests))
+            self._abort_unfinished()
+            raise EngineError(f"the vllm engine failed on this batch ({type(e).__name__}: {e}); its requests "
+                              "were aborted") from e
+
+    def _abort_unfinished(self) -> None:
+        engine = self.llm.llm_engine
+        unfinished = list(engine.output_processor.request_states)
+        if unfinished:
+            engine.abort_request(unfinished, internal=True)
+        if engine.has_unfinished_requests():
+            raise EngineError("the vllm engine still holds requests after aborting a failed batch")
+
+    def _sample(self, requests: list[SampleRequest]) -> list[SampleResult]:
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest
 

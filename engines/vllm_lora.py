@@ -108,6 +108,13 @@ def _lora_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Ten
         weights = weights.squeeze(1)
     x = inputs.to(dtype)
     out = torch.zeros(x.shape[0], weights.shape[1], dtype=dtype, device=x.device)
+    if indices.shape[0] != x.shape[0]:
+        # vLLM scores a request's prompt logprobs with the batch's per-sequence indices, so rows and
+        # indices do not correspond. Only the output layer's LoRA does this, and colo never loads one
+        # into vLLM (the engine declares unembed_lora=False): its slots hold zeros, which any row gets.
+        if bool(weights.any()):
+            raise RuntimeError("LoRA rows and adapter indices differ in number and the weights are not zero")
+        return out
     for index in torch.unique(indices).tolist():
         if index < 0:
             continue
