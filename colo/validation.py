@@ -101,6 +101,9 @@ def check_adam(adam: AdamParams) -> None:
             raise InvalidRequestError(f"AdamParams.{name}={value!r}; allowed: {allowed}")
 
 
+MAX_SEED = 2**63 - 1  # seeds become torch generator seeds: a signed 64-bit integer
+
+
 def check_sampling(prompts: Sequence[Sequence[int]], num_samples: int, params: SamplingParams,
                    vocab_size: int, max_len: int, max_samples: int, index: int = 0) -> None:
     """``index`` is the position of ``prompts[0]`` in the caller's list, for the messages."""

@@ -16,6 +16,7 @@ Trainer trains, each version registered from memory the moment ``optim_step`` pu
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -150,7 +151,7 @@ class VLLMEngine(InferenceEngine):
 
     def sample(self, requests: list[SampleRequest]) -> list[SampleResult]:
         try:
-            return self._sample(requests)
+            results = self._sample(requests)
         except Exception as e:
             # vLLM keeps a failed batch's requests scheduled, and the next generate would run them
             # forever: abort them so the engine serves the next batch
@@ -158,6 +159,20 @@ class VLLMEngine(InferenceEngine):
             self._abort_unfinished()
             raise EngineError(f"the vllm engine failed on this batch ({type(e).__name__}: {e}); its requests "
                               "were aborted") from e
+        poisoned = [i for i, r in enumerate(results) if not _finite(r)]
+        if poisoned:
+            # Measured on vLLM 0.32 CPU: after an adapter whose activations overflow ran, the next
+            # sequences given its freed KV blocks sampled NaN until they had overwritten its stale
+            # slots (attention reads whole blocks; 0 x NaN is NaN). Clear the cache before anything
+            # else runs, and sample again, alone, any other request of this batch that came out NaN.
+            log.warning("vLLM produced NaN or infinite logprobs for %d of %d requests; clearing its KV cache",
+                        len(poisoned), len(requests))
+            self.llm.collective_rpc(_zero_kv_cache)
+            self.llm.reset_prefix_cache()
+            if len(requests) > 1:
+                for i in poisoned:
+                    results[i] = self.sample([requests[i]])[0]
+        return results
 
     def _abort_unfinished(self) -> None:
         engine = self.llm.llm_engine
@@ -245,6 +260,17 @@ class VLLMEngine(InferenceEngine):
     def shutdown(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
         self.llm = None
+
+
+def _finite(result: SampleResult) -> bool:
+    values = [lp for s in result.sequences for lp in s.logprobs] + [lp for lp in result.prompt_logprobs or () if lp is not None]
+    return all(math.isfinite(v) for v in values)
+
+
+def _zero_kv_cache(worker) -> None:
+    """Runs on the worker (through ``LLM.collective_rpc``)."""
+    for cache in worker.model_runner.kv_caches:
+        cache.zero_()
 
 
 def _peft_kwargs(config: dict) -> dict:

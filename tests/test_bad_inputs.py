@@ -92,7 +92,7 @@ CASES = {
                             lambda t, a, p: t.forward_backward(a, [rl_datum()], "ppo", {"clip": 0.2})),
     "not a datum": (InvalidRequestError, r"data\[0\] is a dict", lambda t, a, p: t.forward_backward(a, [{"model_input": GOOD}])),
     # bad hyperparameters
-    "negative lr": (InvalidRequestError, "AdamParams.learning_rate=-1.0; allowed: >= 0",
+    "negative lr": (InvalidRequestError, "AdamParams.learning_rate=-1.0; allowed: in \\[0, 1\\]",
                     lambda t, a, p: t.optim_step(a, AdamParams(learning_rate=-1.0))),
     "beta1 of one": (InvalidRequestError, r"beta1=1.0; allowed: in \[0, 1\)", lambda t, a, p: t.optim_step(a, AdamParams(beta1=1.0))),
     "nan lr": (InvalidRequestError, "learning_rate=nan", lambda t, a, p: t.optim_step(a, AdamParams(learning_rate=math.nan))),

@@ -20,10 +20,19 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0)
 def within(seconds: float, fn):
     """``fn()``'s result, or a test failure if it has not returned in ``seconds`` (a stalled engine)."""
     out: dict = {}
-    thread = threading.Thread(target=lambda: out.update(value=fn()), daemon=True)
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # re-raised in the test's thread
+            out["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(seconds)
     assert not thread.is_alive(), f"no answer in {seconds} s: the engine is stalled"
+    if "error" in out:
+        raise out["error"]
     return out["value"]
 
 

@@ -30,7 +30,7 @@ OTHER_VALUES = {
     "COLO_ENGINE_ADAPTER_DIR": ("/tmp/a", "/tmp/a"), "COLO_ENGINE_TIMEOUT_SECONDS": ("7.5", 7.5),
     "COLO_DEVICE": ("cpu", "cpu"), "COLO_DTYPE": ("float32", "float32"),
     "COLO_GPU_MEMORY_UTILIZATION": ("0.5", 0.5), "COLO_CPU_KVCACHE_SPACE_GIB": ("2", 2),
-    "COLO_MAX_LORAS": ("8", 8), "COLO_MAX_LORA_RANK": ("32", 32), "COLO_MAX_MODEL_LEN": ("512", 512),
+    "COLO_MAX_LORAS": ("8", 8), "COLO_MAX_LORA_RANK": ("32", 32), "COLO_MAX_MODEL_LEN": ("512", 512), "COLO_MAX_SAMPLES_PER_REQUEST": ("8", 8),
     "COLO_MICROBATCH_TOKENS": ("1024", 1024), "COLO_GRADIENT_CHECKPOINTING": ("false", False),
     "COLO_SLEEP_LEVEL": ("2", 2), "COLO_TENSOR_PARALLEL_SIZE": ("2", 2), "COLO_HOST": ("0.0.0.0", "0.0.0.0"),
     "COLO_PORT": ("8123", 8123), "COLO_API_KEYS": ("k:t", "k:t"), "COLO_CHECKPOINT_DIR": ("/tmp/c", "/tmp/c"),
