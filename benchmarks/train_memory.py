@@ -40,8 +40,7 @@ batch, length, device = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 settings = json.loads(sys.argv[5])
 torch.set_num_threads(int(sys.argv[6]))
 
-def memory_bytes(peak):
-    """Peak (VmHWM) or current (VmRSS) resident memory; on CUDA, torch's allocated memory."""
+def memory_bytes(peak):  # peak (VmHWM) or current (VmRSS) resident memory; on CUDA, torch's allocated memory
     if device == "cuda":
         return torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
     field = "VmHWM" if peak else "VmRSS"
@@ -79,10 +78,14 @@ SHAPES = [(8, 120, 960), (64, 120, 960), (8, 128, 4096), (32, 128, 4096), (64, 1
           (8, 1024, 4096)]
 
 
-def run(code_root: Path, batch: int, length: int, device: str, settings: dict, threads: int) -> dict:
+def run(code_root: Path, batch: int, length: int, device: str, settings: dict, threads: int,
+        preload: str | None = None) -> dict:
+    """One measurement in a fresh process; ``preload``: its LD_PRELOAD (None: this process's)."""
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(WORKLOAD)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(code_root)}
+    if preload is not None:
+        env["LD_PRELOAD"] = preload
     proc = subprocess.run([sys.executable, f.name, str(code_root), str(batch), str(length), device,
                            json.dumps(settings), str(threads)], capture_output=True, text=True, env=env)
     os.unlink(f.name)
