@@ -36,17 +36,20 @@ class Adapter:
                 out[f"{key}.{name}"] = torch.as_tensor(value).detach().cpu().clone()
         return out
 
-    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Copies of the weights and the AdamW state, for ``restore``."""
-        return {k: p.detach().clone() for k, p in self.params.items()}, self.optimizer_tensors()
+    def snapshot(self) -> tuple[list[torch.Tensor], dict]:
+        """Copies, on the device, of the weights and the AdamW state, for ``restore``."""
+        weights = [p.detach().clone() for p in self.params.values()]
+        state = {p: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
+                 for p, s in self.optimizer.state.items()}
+        return weights, state
 
-    def restore(self, snapshot: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]) -> None:
-        weights, optimizer = snapshot
+    def restore(self, snapshot: tuple[list[torch.Tensor], dict]) -> None:
+        weights, state = snapshot
         with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(weights[k])
+            for p, w in zip(self.params.values(), weights):
+                p.copy_(w)
         self.optimizer.state.clear()
-        self.load_optimizer_tensors(optimizer)
+        self.optimizer.state.update(state)
 
     def load_optimizer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         for key, p in self.params.items():
