@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import machine, table, write_section  # noqa: E402
 from benchmarks.train_memory import run  # noqa: E402
-from colo.cli import mimalloc_path  # noqa: E402
+from colo.allocator import mimalloc_path  # noqa: E402
 
 BATCH, LENGTH = 64, 55
 

@@ -38,12 +38,6 @@ def machine() -> str:
             f"torch {torch.__version__}, {vllm_version}")
 
 
-def preloaded_allocator() -> str:
-    """The malloc replacement in LD_PRELOAD (inherited by the benchmarks' subprocesses), if any."""
-    preload = os.environ.get("LD_PRELOAD", "")
-    return next((a for a in ("mimalloc", "tcmalloc", "jemalloc") if a in preload), "glibc malloc")
-
-
 def table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -290,7 +290,8 @@ def main() -> None:
         print("RESULT " + json.dumps(out))
         return
 
-    from benchmarks.report import machine, preloaded_allocator, table, write_section
+    from benchmarks.report import machine, table, write_section
+    from colo.allocator import preloaded
 
     if args.report:  # a report from the runs a previous invocation kept
         runs = json.loads(Path(args.report).read_text())
@@ -335,7 +336,7 @@ def main() -> None:
                   f"a step on average and takes the step to {k['step'][0] / trl_step:.2f}x TRL's.")
     print(where)
 
-    allocator = preloaded_allocator()
+    allocator = preloaded()
     colo_engine = runs["colo"][0]["engine"]
     weights, bf16 = TRL_PRECISION[args.trl_precision]
     trl_precision = f"{weights} weights" + (", bf16 autocast (`bf16=True`)" if bf16 else ", `bf16=False`")

@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import machine, preloaded_allocator, table, write_section  # noqa: E402
+from benchmarks.report import machine, table, write_section  # noqa: E402
+from colo.allocator import preloaded  # noqa: E402
 
 WORKLOAD = r"""
 import json, sys, time
@@ -155,7 +156,7 @@ per row, {args.threads} threads, device {args.device}. Peak: the process's peak 
 `forward_backward` minus its RSS before it{' (CUDA: peak allocated)' if args.device == 'cuda' else ''}.
 "before" is commit {args.before or '(skipped)'}: the whole batch in one forward with float32 logits of every
 position; "after": micro-batches under `COLO_MICROBATCH_TOKENS` (the column) and logprobs in chunks.
-Allocator: {preloaded_allocator()} (the same for every row).
+Allocator: {preloaded()} (the same for every row).
 
 Machine: {machine()}.
 
@@ -165,7 +166,7 @@ Memory against the number of datums at a fixed micro-batch budget (8 datums' tok
 
 {table(headers, rows)}
 
-Command: `{"LD_PRELOAD=$(.venv/bin/colo allocator) " if preloaded_allocator() == "mimalloc" else ""}.venv/bin/python benchmarks/train_memory.py --repeats {args.repeats} --device {args.device}`
+Command: `{"LD_PRELOAD=$(.venv/bin/colo allocator) " if preloaded() == "mimalloc" else ""}.venv/bin/python benchmarks/train_memory.py --repeats {args.repeats} --device {args.device}`
 """)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from colo.errors import ConfigError
@@ -20,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "allocator":
+        from colo.allocator import mimalloc_path
+
         path = mimalloc_path()
         if path is None:
             print("colo: mimalloc is not installed (it comes with colo's cpu extra: pip install 'colo[cpu]')",
@@ -58,15 +59,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def mimalloc_path() -> str | None:
-    """The mimalloc shared library of the ``cmeel-mimalloc`` package, where it is installed."""
-    try:
-        import cmeel
-    except ImportError:
-        return None
-    for root in cmeel.__path__:
-        path = os.path.normpath(os.path.join(root, "..", "cmeel.prefix", "lib", "libmimalloc.so"))
-        if os.path.exists(path):
-            return path
-    return None

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from colo import allocator
 from colo.adapters import Adapter
 from colo.checkpoint import Checkpoint, export_peft, load_checkpoint, save_checkpoint
 from colo.config import Config
@@ -30,8 +31,6 @@ from engines.base import AdapterUpdate, AdapterVersion, EngineContext, SampleReq
 from engines.registry import create_engine
 
 log = logging.getLogger(__name__)
-
-_ALLOCATORS = ("mimalloc", "tcmalloc", "jemalloc")  # allocators that return freed memory well
 
 
 class Trainer:
@@ -52,7 +51,7 @@ class Trainer:
         self.engine = create_engine(config.engine, EngineContext(config, self.model_path, self.policy, self.max_len))
         self.sleep = SleepControl(self.engine, config.sleep_level)
         log.info("colo: model %s on %s (%s), engine %s", self.model_path, device, self.policy.dtype, self.engine.name)
-        if device.type == "cpu" and not any(a in os.environ.get("LD_PRELOAD", "") for a in _ALLOCATORS):
+        if device.type == "cpu" and allocator.preloaded() == "glibc malloc":
             log.warning("colo: training on CPU with the C library's malloc, which fragments: peak memory can be "
                         "twice what the tensors need. Preload mimalloc, as `make demo` does: "
                         "LD_PRELOAD=$(colo allocator) python your_script.py")

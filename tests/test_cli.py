@@ -19,3 +19,12 @@ def test_config_prints_every_setting(capsys):
     assert main(["config"]) == 0
     out = capsys.readouterr().out
     assert "COLO_MICROBATCH_TOKENS=4096" in out and "COLO_GRADIENT_CHECKPOINTING=True" in out
+
+
+def test_the_preloaded_allocator_is_told_apart_from_glibc(capsys):
+    assert main(["allocator"]) == 0
+    path = capsys.readouterr().out.strip()
+    code = "from colo import allocator; print(allocator.preloaded())"
+    seen = [subprocess.run([sys.executable, "-c", code], env={"LD_PRELOAD": preload}, capture_output=True,
+                           text=True).stdout.strip() for preload in (path, "")]
+    assert seen == ["mimalloc", "glibc malloc"]
