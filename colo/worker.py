@@ -230,16 +230,25 @@ class Worker:
                 return
             # whatever failed the batch must fail only the request that caused it: each runs again alone
             log.warning("a sample batch of %d requests failed (%s); running each alone", len(jobs), e)
+            failures: list[BaseException] = []  # engine failures of consecutive requests run alone
             for job, item in zip(jobs, items):
-                self._run_samples_alone(job, item)
+                if len(failures) >= 2:
+                    # two requests in a row failing alone in the engine: the engine is at fault (a dead
+                    # server, say), and asking it once per remaining request would only hold the worker
+                    item.future.set_exception(failures[-1])
+                    continue
+                error = self._run_samples_alone(job, item)
+                failures = failures + [error] if isinstance(error, EngineError) else []
             return
         for item, result in zip(items, results):
             item.future.set_result(result)
 
-    def _run_samples_alone(self, job: SampleJob, item: _SampleItem) -> None:
+    def _run_samples_alone(self, job: SampleJob, item: _SampleItem) -> BaseException | None:
         try:
             item.future.set_result(self.trainer.sample_batch([job])[0])
+            return None
         except BaseException as e:
             if not isinstance(e, ColoError):
                 log.exception("sample request failed")
             item.future.set_exception(e)
+            return e

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from colo.errors import ColoError, InvalidRequestError
+from colo.errors import ColoError, EngineError, InvalidRequestError
 from colo.types import SampleJob, SamplingParams
 from colo.worker import ShuttingDown, Worker
 
@@ -112,3 +112,28 @@ def test_stop_answers_queued_jobs_and_refuses_new_ones(trainer):
     stopper.join(30)
     with pytest.raises(ShuttingDown):
         w.call(lambda t: None)
+
+
+class DeadEngineTrainerFake(CountingTrainer):
+    """The real session Trainer whose engine calls all fail, as with a dead server (a fake: the failure is
+    injected here, since killing a server per test is too slow)."""
+
+    def sample_batch(self, jobs):
+        self.batches.append(list(jobs))
+        raise EngineError("http://127.0.0.1:1: connection refused")
+
+
+def test_a_dead_engine_is_not_asked_again_for_every_request_of_a_failed_batch(trainer):
+    fake = DeadEngineTrainerFake(trainer)
+    w = Worker(fake, max_batch_sequences=16)
+    try:
+        release = blocked(w)
+        futures = [w.sample(f"client-{i}", job(None, [5, 6, 7])) for i in range(6)]
+        release.set()
+        for f in futures:
+            with pytest.raises(EngineError, match="connection refused"):
+                f.result(60)
+        # the batch, then two requests alone; the other four get the second failure without a call
+        assert [len(b) for b in fake.batches] == [6, 1, 1]
+    finally:
+        w.stop()
