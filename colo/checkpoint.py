@@ -8,6 +8,7 @@ Nothing in it is pickled. An export is a plain PEFT directory, swapped in the sa
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -48,6 +49,8 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.is_dir():
             raise CheckpointError(f"cannot save a checkpoint to {str(target)!r}: it is a directory; allowed: a file path")
+        for stale in target.parent.glob(f".{glob.escape(target.name)}.tmp-*"):
+            stale.unlink(missing_ok=True)  # left by a save of this target that was killed midway
         tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
         try:
             save_file(tensors, str(tmp), metadata=header)

@@ -15,20 +15,31 @@ from pathlib import Path
 from colo.errors import InvalidRequestError
 
 KINDS = ("weights", "sampler_weights")
-_ID = re.compile(r"^[A-Za-z0-9_:-]{1,160}$")
-_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+_ID = re.compile(r"[A-Za-z0-9_:-]{1,160}")
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
 class CheckpointStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
+        self.sweep(self.root)
+
+    @staticmethod
+    def sweep(folder: Path) -> int:
+        """Remove the temporary files of saves that were killed midway (one service owns its directory, and
+        its saves run one at a time: any temporary file found before a save is a leftover). Returns how many."""
+        stale = [p for p in folder.rglob(".*.tmp-*") if p.is_file()] if folder.is_dir() else []
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return len(stale)
 
     def file(self, tenant: str, model_id: str, kind: str, name: str) -> Path:
-        if not _ID.match(model_id):
+        # fullmatch: ``$`` alone would let a name end in a newline
+        if not isinstance(model_id, str) or not _ID.fullmatch(model_id):
             raise InvalidRequestError(f"model id {model_id!r}; allowed: 1-160 letters, digits, '_', ':' or '-'")
         if kind not in KINDS:
             raise InvalidRequestError(f"checkpoint kind {kind!r}; allowed: {', '.join(KINDS)}")
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise InvalidRequestError(f"checkpoint name {name!r}; allowed: 1-128 letters, digits, '.', '_' or '-', "
                                       "not starting with '.'")
         path = (self.root / tenant / model_id / kind / f"{name}.safetensors").resolve()

@@ -42,7 +42,17 @@ class Config(BaseSettings):
         "auto", description="Weights dtype: `auto` is bfloat16 (float32 where the device lacks bfloat16).")
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0, description="Share of GPU memory the vLLM engine may take.")
     cpu_kvcache_space_gib: int = Field(1, ge=1, description="KV cache size of the vLLM engine on CPU, in whole GiB (passed on as VLLM_CPU_KVCACHE_SPACE).")
-    max_loras: int = Field(4, ge=1, description="Adapters the engine may hold in one batch.")
+    max_loras: int = Field(4, ge=1, description=(
+        "Adapters one vLLM batch holds (vLLM's `max_loras`, the LoRA slots in GPU memory). A sample call naming "
+        "more adapters is split into several engine batches; it does not limit how many adapters exist "
+        "(COLO_MAX_ADAPTERS)."))
+    max_adapters: int = Field(64, ge=1, description=(
+        "Most adapters alive at once, whatever their tenant. Each new one must also fit in free memory: it costs "
+        "about 8 copies of its LoRA weights (weights, gradients, AdamW state, undo snapshot, sampler copy), and "
+        "creating one that does not fit is refused with what it needs and what is free."))
+    max_models_per_tenant: int = Field(16, ge=1, description=(
+        "Most training models (adapters) one tenant of the HTTP service may hold at once, so no tenant can take "
+        "all of COLO_MAX_ADAPTERS; the SDK's `unload_model` frees one."))
     max_lora_rank: int = Field(16, ge=1, le=512, description=(
         "Largest LoRA rank `create_lora` accepts. vLLM sizes every LoRA slot to it, so raise it only as "
         "far as needed: on CPU, 64 made rank-16 sampling 4x slower than 16."))
@@ -67,6 +77,13 @@ class Config(BaseSettings):
     host: str = Field("127.0.0.1", description="HTTP service bind address.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP service port.")
     api_keys: str = Field("", description="Comma-separated `key:tenant` pairs for the HTTP service; empty: one open tenant.")
+    max_body_mib: int = Field(64, ge=1, le=4096, description=(
+        "Largest HTTP request body the service reads, in MiB (a forward_backward batch travels in one body); "
+        "a larger one gets 413 before it is read."))
+    stall_seconds: float = Field(600.0, gt=0, description=(
+        "The service's health check (`/api/v1/healthz`) answers 503 when its worker has work and has finished "
+        "none of it for this long (one job running longer, or nothing moving); shutdown waits this long for the "
+        "running job."))
     checkpoint_dir: str = Field("~/.cache/colo/checkpoints", description="Where the service writes checkpoints.")
     seed: int = Field(0, ge=0, description="Seed of adapters created without one (adapter n gets a seed derived from it).")
 

@@ -80,6 +80,12 @@ class PolicyModel:
             names |= self._modules["unembed"]
         return sorted(names)
 
+    def lora_values(self, lora: LoraConfig) -> int:
+        """How many values an adapter of this shape holds: rank x (inputs + outputs) of each target layer."""
+        targets = set(self.target_modules(lora))
+        return sum(lora.rank * (m.in_features + m.out_features) for path, m in self._base.named_modules()
+                   if isinstance(m, torch.nn.Linear) and path.rsplit(".", 1)[-1] in targets)
+
     def peft_config(self, lora: LoraConfig) -> peft.LoraConfig:
         return peft.LoraConfig(
             r=lora.rank,

@@ -34,7 +34,8 @@ from colo.worker import Worker
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 * 1024 * 1024
+TELEMETRY_MAX_BYTES = 1 << 20  # the SDK's usage reports: small JSON documents, read and dropped
+SEEN_PER_MODEL = 4096  # answered seq_ids remembered per model, for POSTs the SDK sends again
 EPHEMERAL_KEPT = 4  # unnamed sampler snapshots kept per model
 SESSION_TTL_SECONDS = 120.0  # a session silent this long (the SDK beats every 10 s) loses its models
 PROTO = "application/x-protobuf"
@@ -89,8 +90,9 @@ class Service:
         self.samplers: dict[str, Sampler] = {}
         self.frozen: dict[Path, str] = {}  # a saved version no longer live -> the adapter holding it
         self.saved: dict[Path, tuple[str, int]] = {}  # file -> (model_id, version) saved by this server
-        self.seen: dict[tuple[str, int], str] = {}  # (model_id, seq_id) -> request_id, for retried POSTs
+        self.seen: dict[str, dict[int, str]] = {}  # model_id -> seq_id -> request_id, for retried POSTs
         self.lock = threading.Lock()
+        self.stopping = False
         self.stopped = False
 
     # ---- lookups: another tenant's ids read as unknown --------------------------------------------
@@ -126,16 +128,19 @@ class Service:
     def ordered(self, tenant: str, model: Model, seq_id: int | None, fn, encode) -> dict:
         if seq_id is None:
             raise HTTPError(400, "seq_id is missing; allowed: the training client's request counter + 1")
-        key = (model.model_id, seq_id)
         with self.lock:
-            if key in self.seen:  # the SDK re-sent a POST whose answer it lost
-                return {"request_id": self.seen[key]}
+            seen = self.seen.setdefault(model.model_id, {})
+            if seq_id in seen:  # the SDK re-sent a POST whose answer it lost
+                return {"request_id": seen[seq_id]}
             try:
                 future = self.worker.ordered(model.model_id, seq_id, fn)
             except ColoError as e:
                 raise HTTPError(400, str(e)) from None
             answer = self.submit(tenant, future, encode)
-            self.seen[key] = answer["request_id"]
+            seen[seq_id] = answer["request_id"]
+            if len(seen) > SEEN_PER_MODEL:  # a retry comes within seconds: forget the oldest half
+                for old in sorted(seen)[: SEEN_PER_MODEL // 2]:
+                    del seen[old]
         return answer
 
     # ---- sessions and models ------------------------------------------------------------------------
@@ -151,22 +156,29 @@ class Service:
                     self.drop_model(model_id)
                 del self.sessions[sid]
 
-    def drop_model(self, model_id: str) -> None:
+    def drop_model(self, model_id: str):
+        """Forget the model now; its adapters (live and frozen copies) are deleted by the returned job."""
         m = self.models.pop(model_id, None)
-        if m is None:
-            return
         self.worker.close_order(model_id)
         with self.lock:
-            for key in [k for k in self.seen if k[0] == model_id]:
-                del self.seen[key]
+            self.seen.pop(model_id, None)
         frozen = [f for f in self.frozen if f.parent.parent.name == model_id]
 
-        def delete(trainer: Trainer) -> None:
-            for adapter in [m.adapter] + [self.frozen.pop(f) for f in frozen if f in self.frozen]:
+        def delete(trainer: Trainer) -> str:
+            for adapter in ([m.adapter] if m else []) + [self.frozen.pop(f) for f in frozen if f in self.frozen]:
                 if adapter in trainer.adapters:
                     trainer.delete_lora(adapter)
+            return model_id
 
-        self.worker.call(delete)
+        return self.worker.call(delete)
+
+    def check_quota(self, tenant: str) -> None:
+        """Runs on the worker, where models are added, so concurrent creations cannot both pass."""
+        held = sum(1 for m in self.models.values() if m.tenant == tenant)
+        limit = self.trainer.config.max_models_per_tenant
+        if held >= limit:
+            raise InvalidRequestError(f"this tenant holds {held} models; allowed: at most {limit} "
+                                      "(COLO_MAX_MODELS_PER_TENANT); unload_model one first")
 
     def prune_ephemeral(self, trainer: Trainer, folder: Path, keep: int = EPHEMERAL_KEPT) -> None:
         """Unnamed sampler snapshots are for the next rollouts: keep a model's newest few on disk."""
@@ -216,7 +228,11 @@ def create_app(service: Service) -> FastAPI:
     async def lifespan(app: FastAPI):
         yield
         log.info("colo: shutting down: finishing the running job, answering queued ones")
-        service.worker.stop()
+        service.stopping = True
+        limit = service.trainer.config.stall_seconds
+        if not service.worker.stop(timeout=limit):
+            log.error("colo: the running job did not finish in %.0f s (COLO_STALL_SECONDS); exiting without it", limit)
+            return
         service.trainer.close()
         service.stopped = True
         log.info("colo: stopped cleanly")
@@ -239,15 +255,17 @@ def create_app(service: Service) -> FastAPI:
             raise HTTPError(401, "missing or unknown API key (X-API-Key); allowed: a key from COLO_API_KEYS")
         return tenant
 
-    async def body_of(request: Request) -> bytes:
+    max_body = svc.trainer.config.max_body_mib << 20
+
+    async def body_of(request: Request, limit: int = max_body) -> bytes:
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
-            raise HTTPError(413, f"request body of {declared} bytes; allowed: at most {MAX_BODY_BYTES}")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise HTTPError(413, f"request body of {declared} bytes; allowed: at most {limit} (COLO_MAX_BODY_MIB)")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise HTTPError(413, f"request body over {MAX_BODY_BYTES} bytes")
+            if size > limit:
+                raise HTTPError(413, f"request body over {limit} bytes; allowed: at most {limit} (COLO_MAX_BODY_MIB)")
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -269,7 +287,22 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/api/v1/healthz")
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok"}
+        """200 while the worker moves; 503 with a reason when it has work and finished none of it for
+        COLO_STALL_SECONDS, or when the service is stopping. The body shows what runs and what waits."""
+        st = svc.worker.status()
+        limit = svc.trainer.config.stall_seconds
+        view = {"running": st.running, "running_seconds": round(st.running_seconds, 1), "queued": st.queued,
+                "seconds_since_progress": round(st.seconds_since_progress, 1)}
+        if svc.stopping:
+            return JSONResponse({"status": "stopping", "reason": "the service is shutting down", "worker": view},
+                                status_code=503)
+        if st.stalled(limit):
+            what = f"a {st.running} job has run for {st.running_seconds:.0f} s" if st.running else "nothing ran"
+            return JSONResponse({"status": "stalled", "worker": view,
+                                 "reason": f"the worker has queued work and finished none of it for "
+                                           f"{st.seconds_since_progress:.0f} s ({what}); allowed: "
+                                           f"{limit:.0f} s (COLO_STALL_SECONDS)"}, status_code=503)
+        return {"status": "ok", "worker": view}
 
     @app.post("/api/v1/client/config")
     async def client_config(request: Request):
@@ -287,7 +320,8 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/api/v1/telemetry")
     async def telemetry(request: Request):
-        await body_of(request)  # the SDK's usage reports: read and dropped
+        tenant_of(request)
+        await body_of(request, TELEMETRY_MAX_BYTES)  # the SDK's usage reports: read and dropped
         return {"status": "accepted"}
 
     @app.get("/api/v1/get_server_capabilities")
@@ -330,6 +364,7 @@ def create_app(service: Service) -> FastAPI:
         lora = req.lora_config
 
         def run(trainer: Trainer) -> str:
+            svc.check_quota(tenant)
             adapter = trainer.create_lora(rank=lora.rank, seed=lora.seed, train_attn=lora.train_attn,
                                           train_mlp=lora.train_mlp, train_unembed=lora.train_unembed)
             svc.add_model(tenant, session, model_id, adapter, lora.rank)
@@ -346,6 +381,16 @@ def create_app(service: Service) -> FastAPI:
                 "model_name": svc.model_name,
                 "model_data": {"arch": svc.arch, "model_name": svc.model_name,
                                "tokenizer_id": svc.trainer.model_path}}
+
+    @app.post("/api/v1/unload_model")
+    async def unload_model(request: Request):
+        tenant = tenant_of(request)
+        req = await parse(request, tt.UnloadModelRequest)
+        m = svc.model(tenant, req.model_id)
+        for s in svc.sessions.values():
+            s.models.discard(m.model_id)
+        return svc.submit(tenant, svc.drop_model(m.model_id),
+                          lambda mid: json(tt.UnloadModelResponse(model_id=mid, type="unload_model")))
 
     @app.post("/api/v1/forward_backward")
     async def forward_backward(request: Request):
@@ -393,6 +438,7 @@ def create_app(service: Service) -> FastAPI:
         def run(trainer: Trainer) -> str:
             if file.exists() and not overwrite:
                 raise InvalidRequestError(f"checkpoint {name!r} exists; allowed: a new name, or overwrite=True")
+            svc.checkpoints.sweep(svc.checkpoints.root / tenant)
             trainer.save_state(m.adapter, file, optimizer=True)
             return CheckpointStore.tinker_path(m.model_id, "weights", name)
 
@@ -419,6 +465,7 @@ def create_app(service: Service) -> FastAPI:
             svc.reap_sessions()
 
             def create(trainer: Trainer) -> str:
+                svc.check_quota(tenant)
                 adapter = load(trainer, None)
                 svc.add_model(tenant, session, model_id, adapter, trainer.adapters[adapter].lora.rank)
                 return model_id
@@ -444,6 +491,7 @@ def create_app(service: Service) -> FastAPI:
 
         def run(trainer: Trainer) -> tt.SaveWeightsForSamplerResponseInternal:
             version = trainer.version(m.adapter)
+            svc.checkpoints.sweep(svc.checkpoints.root / tenant)
             trainer.save_state(m.adapter, file, optimizer=False)
             svc.saved[file] = (m.model_id, version)
             if named:

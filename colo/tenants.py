@@ -13,13 +13,13 @@ import re
 from colo.errors import ConfigError
 
 OPEN_TENANT = "default"
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class Tenants:
     def __init__(self, key_tenants: dict[str, str]) -> None:
         for tenant in key_tenants.values():
-            if not _NAME.match(tenant):
+            if not _NAME.fullmatch(tenant):
                 raise ConfigError(f"COLO_API_KEYS: tenant {tenant!r}; allowed: 1-64 letters, digits, '_' or '-' "
                                   "(it names the tenant's checkpoint directory)")
         self._keys = dict(key_tenants)

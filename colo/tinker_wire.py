@@ -91,6 +91,8 @@ def _tensor(msg, where: str) -> torch.Tensor:
     if len(raw) % np.dtype(np_dtype).itemsize:
         raise InvalidRequestError(f"{where}: {len(raw)} bytes is not a whole number of {np.dtype(np_dtype).name}")
     flat = np.frombuffer(raw, dtype=np_dtype)
+    if any(n < 0 for n in shape):
+        raise InvalidRequestError(f"{where}: shape {shape}; allowed: dimensions >= 0")
     if shape and math.prod(shape) != flat.size:
         raise InvalidRequestError(f"{where}: shape {shape} does not hold {flat.size} values")
     return torch.from_numpy(flat.copy()).to(torch_dtype).reshape(shape or [flat.size])

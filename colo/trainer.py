@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from colo import allocator
+from colo import allocator, capacity
 from colo.adapters import Adapter
 from colo.checkpoint import Checkpoint, export_peft, load_checkpoint, save_checkpoint
 from colo.config import Config
@@ -73,7 +73,7 @@ class Trainer:
         self._check_lora(lora)
         if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED):
             raise InvalidRequestError(f"LoRA seed {seed!r}; allowed: None or an integer in [0, 2**63 - 1]")
-        self._check_room()
+        self._check_room(lora)
         n = next(self._ids)
         # without a seed, adapter n of a run is still reproducible from COLO_SEED
         return self._add(f"lora-{n}", lora, seed if seed is not None else self.config.seed * 1_000_003 + n)
@@ -206,7 +206,7 @@ class Trainer:
             self._check_keys(path, ckpt, state)
             self._restore(state, ckpt)
             return adapter
-        self._check_room()
+        self._check_room(ckpt.lora)
         adapter_id = self._add(f"lora-{next(self._ids)}", ckpt.lora, ckpt.seed, publish=False)
         state = self.adapters[adapter_id]
         try:
@@ -228,10 +228,6 @@ class Trainer:
         version is published to it. ``overrides`` are config settings, e.g. ``engine_url``."""
         config = Config(**{**self.config.model_dump(), **overrides, "engine": engine})
         new = create_engine(engine, EngineContext(config, self.model_path, self.policy, self.max_len))
-        if new.max_adapters is not None and len(self.adapters) > new.max_adapters:
-            new.shutdown()
-            raise InvalidRequestError(f"{len(self.adapters)} adapters are live; the {new.name} engine holds at most "
-                                      f"{new.max_adapters} (COLO_MAX_LORAS)")
         old, self.engine, self.config = self.engine, new, config
         self.sleep = SleepControl(new, config.sleep_level)
         try:
@@ -259,11 +255,10 @@ class Trainer:
             known = ", ".join(self.adapters) or "none yet (create_lora makes one)"
             raise UnknownAdapterError(f"unknown adapter {adapter!r}; known adapters: {known}") from None
 
-    def _check_room(self) -> None:
-        limit = self.engine.max_adapters
-        if limit is not None and len(self.adapters) >= limit:
-            raise InvalidRequestError(f"{len(self.adapters)} adapters are live; allowed: at most {limit} with the "
-                                      f"{self.engine.name} engine (COLO_MAX_LORAS); delete_lora one first")
+    def _check_room(self, lora: LoraConfig) -> None:
+        # PEFT keeps LoRA weights in float32 on a bf16/fp16 base (autocast_adapter_dtype)
+        capacity.check_room(len(self.adapters), self.config.max_adapters, self.policy.lora_values(lora),
+                            4 if self.policy.dtype.itemsize < 4 else self.policy.dtype.itemsize, self.policy.device)
 
     def _check_lora(self, lora: LoraConfig) -> None:
         if not isinstance(lora.rank, int) or not 1 <= lora.rank <= self.config.max_lora_rank:

@@ -6,6 +6,7 @@
 - Each round takes one sample batch, then at most one ready training job of each model, so neither
   samplers nor any one model can starve the others.
 A job's result or error lands in its ``concurrent.futures.Future``; the HTTP layer waits on that.
+``status()`` says what runs, what waits and when a job last finished: the health check reads it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from colo.types import SampleJob, SampleResult
 log = logging.getLogger(__name__)
 
 GAP_SECONDS = 30.0
+MAX_SEQ_AHEAD = 1024  # a seq_id further ahead than this could only stall its model: refused
 
 
 @dataclass
@@ -46,6 +48,17 @@ class ShuttingDown(EngineError):
     """The service is stopping; the job was not run."""
 
 
+@dataclass
+class WorkerStatus:
+    running: str | None  # "control", "train" or "sample"
+    running_seconds: float
+    queued: dict[str, int]
+    seconds_since_progress: float  # since a job last finished, or the queue was last empty
+
+    def stalled(self, limit: float) -> bool:
+        return (self.running is not None or any(self.queued.values())) and self.seconds_since_progress > limit
+
+
 class Worker:
     def __init__(self, trainer: Trainer, max_batch_sequences: int = 512) -> None:
         self.trainer = trainer
@@ -56,6 +69,8 @@ class Worker:
         self._samples: deque[_SampleItem] = deque()
         self._rr = itertools.count()
         self._stopping = False
+        self._running: tuple[str, float] | None = None
+        self._progress = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="colo-worker", daemon=True)
         self._thread.start()
 
@@ -89,6 +104,9 @@ class Worker:
             if seq_id < order.next_seq or seq_id in order.pending:
                 raise ColoError(f"seq_id {seq_id} of model {key} was already used; allowed: each seq_id once, "
                                 f"the next is {order.next_seq}")
+            if seq_id > order.next_seq + MAX_SEQ_AHEAD:
+                raise ColoError(f"seq_id {seq_id} of model {key} is far ahead of the next one ({order.next_seq}); "
+                                f"allowed: at most {MAX_SEQ_AHEAD} ahead")
             order.pending[seq_id] = (fn, future)
             self._cv.notify()
         return future
@@ -101,8 +119,19 @@ class Worker:
             self._cv.notify()
         return future
 
-    def stop(self, timeout: float = 600.0) -> None:
-        """Refuse new jobs, answer queued ones with ``ShuttingDown``, let the running one finish."""
+    def status(self) -> WorkerStatus:
+        now = time.monotonic()
+        with self._cv:
+            running = self._running
+            queued = {"control": len(self._control), "sample": len(self._samples),
+                      "train": sum(len(o.pending) for o in self._ordered.values())}
+            progress = self._progress
+        return WorkerStatus(running[0] if running else None, now - running[1] if running else 0.0, queued,
+                            now - progress)
+
+    def stop(self, timeout: float = 600.0) -> bool:
+        """Refuse new jobs, answer queued ones with ``ShuttingDown``, let the running one finish; False if it
+        is still running after ``timeout`` seconds (it is then abandoned: the thread is a daemon)."""
         with self._cv:
             self._stopping = True
             dropped = [f for _, f in self._control] + [s.future for s in self._samples]
@@ -115,6 +144,7 @@ class Worker:
         for f in dropped:
             f.set_exception(ShuttingDown("the server is shutting down; this request was not run"))
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _refuse_if_stopping(self) -> None:
         if self._stopping:
@@ -127,6 +157,7 @@ class Worker:
             with self._cv:
                 self._skip_stale_gaps()
                 while not self._stopping and not self._has_work():
+                    self._progress = time.monotonic()  # idle is not stalled
                     self._cv.wait(timeout=1.0)
                     self._skip_stale_gaps()
                 if self._stopping:
@@ -136,11 +167,21 @@ class Worker:
                 batch = self._take_sample_batch()
                 training = self._take_ready()
             for fn, future in control:
-                self._run(fn, future)
+                self._timed("control", self._run, fn, future)
             if batch:
-                self._run_samples(batch)
+                self._timed("sample", self._run_samples, batch)
             for fn, future in training:
-                self._run(fn, future)
+                self._timed("train", self._run, fn, future)
+
+    def _timed(self, kind: str, run: Callable, *args) -> None:
+        with self._cv:
+            self._running = (kind, time.monotonic())
+        try:
+            run(*args)
+        finally:
+            with self._cv:
+                self._running = None
+                self._progress = time.monotonic()
 
     def _has_work(self) -> bool:
         if self._control or self._samples:

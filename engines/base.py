@@ -71,7 +71,6 @@ class EngineContext:
 class InferenceEngine(ABC):
     name: ClassVar[str]
     capabilities: Capabilities  # a class attribute, or set in __init__ where it depends on the platform
-    max_adapters: int | None = None  # live adapters the engine can hold; None: no limit
 
     def __init__(self, context: EngineContext) -> None:
         self.context = context

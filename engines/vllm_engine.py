@@ -61,7 +61,7 @@ class VLLMEngine(InferenceEngine):
             # vLLM 0.32 loads lm_head LoRA weights without applying them: measured, logprobs off by 0.57
             unembed_lora=False,
         )
-        self.max_adapters = config.max_loras
+        self.max_loras = config.max_loras
         kwargs = {}
         if not on_gpu and not vllm_lora.install_cpu_ops():
             log.warning("vLLM %s: colo's CPU LoRA ops are not installed (version not checked); LoRA sampling "
@@ -126,8 +126,9 @@ class VLLMEngine(InferenceEngine):
     def release(self, adapter: str) -> None:
         self.versions.drop(adapter)
 
-    def _register(self, p: Published) -> None:
-        self.llm.collective_rpc(vllm_lora.register, args=(p.int_id, self._weights[p.int_id], self._configs[p.int_id]))
+    def _register(self, p: Published, keep: frozenset[int] = frozenset()) -> None:
+        self.llm.collective_rpc(vllm_lora.register,
+                                args=(p.int_id, self._weights[p.int_id], self._configs[p.int_id], keep))
 
     def _write(self, p: Published) -> None:
         from colo.checkpoint import export_peft
@@ -150,6 +151,12 @@ class VLLMEngine(InferenceEngine):
             raise InvalidRequestError(f"the vllm engine refuses these sampling parameters: {e}") from None
 
     def sample(self, requests: list[SampleRequest]) -> list[SampleResult]:
+        results: list[SampleResult] = []
+        for group in _by_adapter_slots(requests, self.max_loras):
+            results += self._sample_group(group)
+        return results
+
+    def _sample_group(self, requests: list[SampleRequest]) -> list[SampleResult]:
         try:
             results = self._sample(requests)
         except Exception as e:
@@ -171,7 +178,7 @@ class VLLMEngine(InferenceEngine):
             self.llm.reset_prefix_cache()
             if len(requests) > 1:
                 for i in poisoned:
-                    results[i] = self.sample([requests[i]])[0]
+                    results[i] = self._sample_group([requests[i]])[0]
         return results
 
     def _abort_unfinished(self) -> None:
@@ -231,9 +238,10 @@ class VLLMEngine(InferenceEngine):
     def _reregister_evicted(self, held: list[Published]) -> None:
         """vLLM's LoRA cache is an LRU: put back any version it dropped, so it never loads from a path."""
         present = self.llm.collective_rpc(vllm_lora.registered)[0]
+        keep = frozenset(p.int_id for p in held)
         for p in {p.int_id: p for p in held}.values():
             if p.int_id not in present:
-                self._register(p)
+                self._register(p, keep)
 
     # ---- sleep ----------------------------------------------------------------------------------
 
@@ -260,6 +268,25 @@ class VLLMEngine(InferenceEngine):
     def shutdown(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
         self.llm = None
+
+
+def _by_adapter_slots(requests: list[SampleRequest], slots: int) -> list[list[SampleRequest]]:
+    """Consecutive groups naming at most ``slots`` adapters each (base-model requests take no slot).
+
+    vLLM holds ``max_loras`` adapters in a step; its scheduler would defer the rest, but its LoRA
+    cache might then drop a version this batch still needs, which it would try to load from a path
+    that does not exist (versions are registered from memory). Groups keep every batch within the slots.
+    """
+    groups: list[list[SampleRequest]] = [[]]
+    named: set = set()
+    for r in requests:
+        if r.adapter is not None and r.adapter not in named and len(named) == slots:
+            groups.append([])
+            named = set()
+        if r.adapter is not None:
+            named.add(r.adapter)
+        groups[-1].append(r)
+    return groups
 
 
 def _finite(result: SampleResult) -> bool:

@@ -41,13 +41,19 @@ def _manager(worker):
     return worker.model_runner.lora_manager  # LRUCacheWorkerLoRAManager
 
 
-def register(worker, lora_int_id: int, tensors: dict[str, torch.Tensor], peft_config: dict) -> None:
-    """Runs on the worker (through ``LLM.collective_rpc``): add the version to its LoRA cache."""
+def register(worker, lora_int_id: int, tensors: dict[str, torch.Tensor], peft_config: dict,
+             keep: frozenset[int] = frozenset()) -> None:
+    """Runs on the worker (through ``LLM.collective_rpc``): add the version to its LoRA cache, making
+    room by dropping its least recently used versions other than ``keep`` (the ones a batch is about
+    to use; colo holds a copy of every version and registers a dropped one again when it is named)."""
     manager = _manager(worker)
     adapters = manager._adapter_manager
     lora = _build(manager, lora_int_id, tensors, peft_config)
-    if len(adapters) + 1 > adapters.capacity:
-        adapters.remove_oldest_adapter()
+    while len(adapters) + 1 > adapters.capacity:
+        oldest = next((i for i in adapters._registered_adapters.order if i not in keep), None)
+        if oldest is None:
+            raise RuntimeError(f"vLLM's LoRA cache holds {len(adapters)} versions, all needed by this batch")
+        adapters.remove_adapter(oldest)
     adapters.add_adapter(lora)
 
 

@@ -70,7 +70,7 @@ def make_vllm_adapter(vllm_trainer):
     yield from adapter_factory(vllm_trainer)
 
 
-ALICE, BOB = "tml-alice-key", "tml-bob-key"
+ALICE, BOB, CAROL = "tml-alice-key", "tml-bob-key", "tml-carol-key"
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +82,9 @@ def service(tiny_model_dir, tmp_path_factory):
     proc = ServiceProcess({
         "COLO_MODEL": str(tiny_model_dir), "COLO_ENGINE": "vllm", "COLO_DTYPE": "float32", "COLO_DEVICE": "cpu",
         "COLO_MAX_LORAS": "16", "COLO_MAX_LORA_RANK": "16", "COLO_CHECKPOINT_DIR": str(work / "checkpoints"),
-        "COLO_API_KEYS": f"{ALICE}:alice,{BOB}:bob",
+        "COLO_API_KEYS": f"{ALICE}:alice,{BOB}:bob,{CAROL}:carol",
+        # the suite's tests share tenant alice and leave their models loaded, as scripts do
+        "COLO_MAX_MODELS_PER_TENANT": "32",
     }, work / "service.log")
     proc.wait_ready()
     proc.checkpoint_dir = work / "checkpoints"

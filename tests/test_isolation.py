@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from colo import AdamParams, Datum, SampleJob, SamplingParams
+from colo import AdamParams, Datum, LoraConfig, SampleJob, SamplingParams, capacity
 from colo.checkpoint import load_checkpoint, save_checkpoint
 from colo.errors import CheckpointError, EngineError, InvalidRequestError
 from colo.worker import Worker
@@ -171,3 +171,33 @@ def test_a_diverged_adapter_cannot_change_other_rows(vllm_trainer, make_vllm_ada
         vllm_trainer.delete_lora(diverged)
     after = vllm_trainer.sample_batch([SampleJob(a, prompt, 1, GREEDY) for a in (healthy, None)])
     assert [r.sequences[0].tokens for r in after] == [control[a].sequences[0].tokens for a in (healthy, None)]
+
+
+def test_live_adapters_are_bounded_by_the_setting_and_changes_nothing(trainer, make_adapter, monkeypatch):
+    make_adapter()
+    monkeypatch.setattr(trainer.config, "max_adapters", len(trainer.adapters))
+    before = snapshot(trainer)
+    with pytest.raises(InvalidRequestError, match=rf"{len(trainer.adapters)} adapters are live; allowed: at most "
+                                                  rf"{len(trainer.adapters)} \(COLO_MAX_ADAPTERS\)"):
+        trainer.create_lora(rank=4)
+    assert_same_snapshot(before, snapshot(trainer))
+
+
+def test_an_adapter_that_does_not_fit_in_free_memory_is_refused():
+    free = capacity.free_bytes(torch.device("cpu"))
+    assert free > 0
+    capacity.check_room(0, 10, values=1_000_000, element_size=4, device=torch.device("cpu"))  # 32 MB fits
+    too_many = free // (4 * capacity.COPIES) + 1
+    with pytest.raises(InvalidRequestError, match=r"a new adapter needs about \d+ MiB .* MiB of cpu memory is free"):
+        capacity.check_room(0, 10, values=too_many, element_size=4, device=torch.device("cpu"))
+
+
+def test_lora_values_count_every_target_layer(trainer):
+    # written out from the tiny model's config: q,k,v,o and gate,up,down projections of each layer
+    cfg = trainer.policy._base.config
+    h, kv, inter, layers = cfg.hidden_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads), \
+        cfg.intermediate_size, cfg.num_hidden_layers
+    attn = (h + h) + (h + kv) * 2 + (h + h)
+    mlp = (h + inter) * 2 + (inter + h)
+    assert trainer.policy.lora_values(LoraConfig(rank=4)) == 4 * layers * (attn + mlp)
+    assert trainer.policy.lora_values(LoraConfig(rank=4, train_mlp=False)) == 4 * layers * attn

@@ -1,12 +1,16 @@
 """Checkpoints (save_state/load_state with optimizer state) and plain-PEFT export."""
 
 import hashlib
+import os
+import random
+import signal
+import time
 
 import pytest
 import torch
 
 import colo.checkpoint
-from colo import AdamParams, CheckpointError, Datum
+from colo import AdamParams, CheckpointError, Datum, LoraConfig
 from helpers import assert_same_snapshot, encode, snapshot
 
 SEQ = "the cat sat on a mat and ran to the big red tree"
@@ -113,3 +117,42 @@ def test_exported_adapter_loads_in_peft_with_the_same_logprobs(trainer, adapter,
     step(trainer, adapter, Datum.from_sequence(tokens))
     trainer.export_adapter(adapter, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
+
+
+def killed_mid_save(target) -> list:
+    """SIGKILL a forked process while it saves ``target`` over and over, until a temporary file is left."""
+    ckpt = colo.checkpoint.Checkpoint(lora=LoraConfig(rank=4), seed=0, version=0, base_model="x",
+                                      weights={"w": torch.ones(16 << 20)}, optimizer={})
+    for _ in range(10):
+        pid = os.fork()
+        if pid == 0:  # the child saves until it is killed, and never returns into pytest
+            try:
+                while True:
+                    colo.checkpoint.save_checkpoint(target, ckpt)
+            finally:
+                os._exit(1)
+        time.sleep(0.2 + 0.3 * random.random())
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        left = list(target.parent.glob(".*.tmp-*"))
+        if left:
+            return left
+    raise AssertionError("no save was caught midway in 10 tries")
+
+
+def test_temporary_files_of_killed_saves_are_removed_by_the_next_save_and_the_next_start(trainer, adapter, tmp_path):
+    from colo.checkpoint_store import CheckpointStore
+
+    root = tmp_path / "checkpoints"
+    target = root / "alice" / "m1" / "weights" / "a.safetensors"
+    target.parent.mkdir(parents=True)
+    assert killed_mid_save(target)
+    trainer.save_state(adapter, target)  # the same name: its own leftovers go
+    assert not list(target.parent.glob(".*.tmp-*"))
+    assert killed_mid_save(target)
+    store = CheckpointStore(root)  # a service starting on this directory
+    assert not list(root.rglob(".*.tmp-*"))
+    assert killed_mid_save(target)
+    assert store.sweep(root / "alice") >= 1  # what the service does before each save of this tenant
+    assert not list(root.rglob(".*.tmp-*"))
+    assert colo.checkpoint.load_checkpoint(target).weights["w"].numel() == 16 << 20  # the last whole one

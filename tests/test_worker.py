@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import threading
+import time
 
 import pytest
 
@@ -137,3 +139,35 @@ def test_a_dead_engine_is_not_asked_again_for_every_request_of_a_failed_batch(tr
         assert [len(b) for b in fake.batches] == [6, 1, 1]
     finally:
         w.stop()
+
+
+def test_the_health_check_tells_a_stalled_worker_from_an_idle_one(trainer, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from colo.checkpoint_store import CheckpointStore
+    from colo.service import Service, create_app
+    from colo.tenants import Tenants
+
+    monkeypatch.setattr(trainer.config, "stall_seconds", 1.0)
+    service = Service(trainer, Tenants({}), CheckpointStore(tmp_path))
+    http = TestClient(create_app(service))  # no lifespan: the session's Trainer stays open
+    try:
+        time.sleep(1.5)  # idle for longer than the limit is not a stall
+        first = http.get("/api/v1/healthz")
+        assert first.status_code == 200 and first.json()["worker"]["running"] is None, first.json()
+        release = blocked(service.worker)
+        service.worker.call(lambda t: None)  # waits behind the held job
+        time.sleep(1.5)
+        stalled = http.get("/api/v1/healthz")
+        assert stalled.status_code == 503, stalled.json()
+        body = stalled.json()
+        assert body["status"] == "stalled" and body["worker"]["queued"]["control"] == 1, body
+        assert re.search(r"finished none of it for \d+ s \(a control job has run for \d+ s\); allowed: 1 s "
+                         r"\(COLO_STALL_SECONDS\)", body["reason"]), body
+        release.set()
+        deadline = time.monotonic() + 10
+        while http.get("/api/v1/healthz").status_code != 200:
+            assert time.monotonic() < deadline, "the health check never recovered"
+            time.sleep(0.1)
+    finally:
+        service.worker.stop()
