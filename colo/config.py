@@ -59,6 +59,10 @@ class Config(BaseSettings):
     max_samples_per_request: int = Field(1024, ge=1, description=(
         "Most samples one request may ask for (`num_samples`): a bound that keeps one request from holding "
         "the sampler for long."))
+    max_request_tokens: int = Field(1 << 21, ge=1, description=(
+        "Most tokens one `forward_backward` or `forward` request may hold, all datums together (2,097,152: "
+        "1,024 sequences of 2,048). Memory follows COLO_MICROBATCH_TOKENS whatever this is; the bound keeps one "
+        "request from holding the worker for long."))
     max_model_len: int = Field(2048, ge=16, description="Longest sequence (prompt + completion) in tokens.")
     microbatch_tokens: int = Field(4096, ge=1, description=(
         "Token budget of one training micro-batch: `forward_backward` and `forward` split their data into "

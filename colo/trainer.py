@@ -314,7 +314,7 @@ class Trainer:
                   backward: bool) -> ForwardBackwardOutput:
         self._adapter(adapter)
         spec, config = check_loss(loss_fn, loss_fn_config)
-        check_data(data, spec, loss_fn, self.policy.vocab_size, self.max_len)
+        check_data(data, spec, loss_fn, self.policy.vocab_size, self.max_len, self.config.max_request_tokens)
         reclaimed = self.sleep.before_training() if backward else None
         device = self.policy.device
         logprobs: list[torch.Tensor] = [torch.empty(0)] * len(data)

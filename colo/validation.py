@@ -55,9 +55,14 @@ def check_loss(loss_fn: str, loss_fn_config: dict[str, Any] | None) -> tuple[Los
     return spec, config
 
 
-def check_data(data: Sequence[Datum], spec: LossSpec, loss_fn: str, vocab_size: int, max_len: int) -> None:
+def check_data(data: Sequence[Datum], spec: LossSpec, loss_fn: str, vocab_size: int, max_len: int,
+               max_tokens: int) -> None:
     if not data:
         raise InvalidRequestError("data is empty; allowed: a list of at least one Datum")
+    total = sum(len(d.model_input) for d in data if isinstance(d, Datum))
+    if total > max_tokens:
+        raise InvalidRequestError(f"data holds {total} tokens in {len(data)} datums; allowed: at most {max_tokens} "
+                                  "a request (COLO_MAX_REQUEST_TOKENS): send it as several requests")
     allowed = {"target_tokens", *spec.required, *spec.optional}
     for i, datum in enumerate(data):
         if not isinstance(datum, Datum):

@@ -201,3 +201,15 @@ def test_lora_values_count_every_target_layer(trainer):
     mlp = (h + inter) * 2 + (inter + h)
     assert trainer.policy.lora_values(LoraConfig(rank=4)) == 4 * layers * (attn + mlp)
     assert trainer.policy.lora_values(LoraConfig(rank=4, train_mlp=False)) == 4 * layers * attn
+
+
+def test_a_request_over_the_token_budget_is_refused_and_changes_nothing(trainer, adapter, monkeypatch):
+    datum = Datum.from_sequence(encode(trainer, PROMPT_TEXT))  # 5 tokens of input
+    monkeypatch.setattr(trainer.config, "max_request_tokens", 3 * len(datum.model_input))
+    trainer.forward(adapter, [datum] * 3)  # at the budget
+    before = snapshot(trainer)
+    with pytest.raises(InvalidRequestError, match=rf"data holds {4 * len(datum.model_input)} tokens in 4 datums; "
+                                                  rf"allowed: at most {3 * len(datum.model_input)} a request "
+                                                  r"\(COLO_MAX_REQUEST_TOKENS\)"):
+        trainer.forward_backward(adapter, [datum] * 4)
+    assert_same_snapshot(before, snapshot(trainer))
