@@ -88,6 +88,16 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"cannot read checkpoint {str(source)!r}: {e}") from None
 
 
+def read_lora(path: str | os.PathLike) -> LoraConfig | None:
+    """The LoRA shape in a checkpoint's header, without reading its tensors; None if it is not one."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        return LoraConfig(**json.loads(header["lora"])) if header.get("format") == FORMAT else None
+    except Exception:  # a file being replaced, truncated or foreign: no header to report
+        return None
+
+
 def export_peft(path: str | os.PathLike, peft_config, tensors: dict[str, torch.Tensor]) -> Path:
     """Write a directory that ``peft.PeftModel.from_pretrained`` and ``vllm --lora-modules`` load."""
     target = Path(path).expanduser()

@@ -5,16 +5,35 @@
 ``<COLO_CHECKPOINT_DIR>/<tenant>/<model_id>/<kind>/<name>.safetensors``. Names are checked against a
 strict pattern (no '/', no leading '.'), and the file always lies under the caller's own tenant
 directory, so no path a client sends can reach outside it or into another tenant's checkpoints.
+
+A checkpoint saved with ``ttl_seconds`` gets a sidecar ``<name>.safetensors.expires`` holding its
+expiry time (Unix seconds), so expiry survives a restart; ``expire()`` deletes what is due.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from colo.errors import InvalidRequestError
 
 KINDS = ("weights", "sampler_weights")
+SUFFIX = ".safetensors"
+EXPIRES = ".expires"
+
+
+@dataclass
+class Stored:
+    model_id: str
+    kind: str
+    name: str
+    file: Path
+    created: float  # Unix seconds
+    size_bytes: int
+    expires_at: float | None
 _ID = re.compile(r"[A-Za-z0-9_:-]{1,160}")
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
@@ -46,6 +65,64 @@ class CheckpointStore:
         if not path.is_relative_to(self.root / tenant):  # the patterns already rule this out; belt and braces
             raise InvalidRequestError(f"checkpoint name {name!r} leaves the checkpoint directory")
         return path
+
+    def tenant_dir(self, tenant: str) -> Path:
+        return self.root / tenant
+
+    def models_on_disk(self, tenant: str) -> list[str]:
+        folder = self.tenant_dir(tenant)
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and _ID.fullmatch(p.name)) if folder.is_dir() else []
+
+    def list(self, tenant: str, model_id: str) -> list[Stored]:
+        """The model's checkpoints, oldest first."""
+        out = []
+        for kind in KINDS:
+            folder = self.root / tenant / model_id / kind
+            for f in folder.glob(f"*{SUFFIX}") if folder.is_dir() else ():
+                name = f.name.removesuffix(SUFFIX)
+                if not _NAME.fullmatch(name):
+                    continue
+                try:
+                    st = f.stat()
+                except FileNotFoundError:  # deleted meanwhile
+                    continue
+                out.append(Stored(model_id, kind, name, f, st.st_mtime, st.st_size, self.expiry(f)))
+        return sorted(out, key=lambda c: c.created)
+
+    @staticmethod
+    def expiry(file: Path) -> float | None:
+        try:
+            return float(file.with_name(file.name + EXPIRES).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    @staticmethod
+    def set_ttl(file: Path, ttl_seconds: int | None) -> None:
+        """Expire ``file`` ``ttl_seconds`` from now (None: never)."""
+        side = file.with_name(file.name + EXPIRES)
+        if ttl_seconds is None:
+            side.unlink(missing_ok=True)
+            return
+        tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")
+        tmp.write_text(repr(time.time() + ttl_seconds))
+        os.replace(tmp, side)
+
+    @staticmethod
+    def delete(file: Path) -> None:
+        file.unlink(missing_ok=True)
+        file.with_name(file.name + EXPIRES).unlink(missing_ok=True)
+
+    def expire(self, now: float | None = None) -> list[Path]:
+        """Delete every checkpoint whose time is up; the deleted files."""
+        now = time.time() if now is None else now
+        gone = []
+        for side in self.root.rglob(f"*{SUFFIX}{EXPIRES}") if self.root.is_dir() else ():
+            file = side.with_name(side.name.removesuffix(EXPIRES))
+            when = self.expiry(file)
+            if when is not None and when <= now:
+                self.delete(file)
+                gone.append(file)
+        return gone
 
     def parse(self, tenant: str, tinker_path: str) -> tuple[str, str, str, Path]:
         """``tinker://model/kind/name`` -> (model_id, kind, name, file of this tenant)."""

@@ -9,12 +9,15 @@ forever); a malformed request answers 4xx with a message, and nothing about it r
 
 from __future__ import annotations
 
+import asyncio
+import json as json_module
 import logging
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +27,8 @@ from fastapi.responses import JSONResponse, Response
 from tinker import types as tt
 
 from colo import tinker_wire
-from colo.checkpoint_store import CheckpointStore
+from colo.checkpoint import read_lora
+from colo.checkpoint_store import CheckpointStore, Stored
 from colo.errors import ColoError, EngineError, InvalidRequestError
 from colo.futures import Futures
 from colo.tenants import Tenants
@@ -38,6 +42,7 @@ TELEMETRY_MAX_BYTES = 1 << 20  # the SDK's usage reports: small JSON documents, 
 SEEN_PER_MODEL = 4096  # answered seq_ids remembered per model, for POSTs the SDK sends again
 EPHEMERAL_KEPT = 4  # unnamed sampler snapshots kept per model
 SESSION_TTL_SECONDS = 120.0  # a session silent this long (the SDK beats every 10 s) loses its models
+HOUSEKEEPING_SECONDS = 30.0  # how often silent sessions are reaped and expired checkpoints deleted
 PROTO = "application/x-protobuf"
 
 
@@ -52,6 +57,8 @@ class Session:
     tenant: str
     last_seen: float
     models: set[str] = field(default_factory=set)
+    samplers: set[str] = field(default_factory=set)
+    finished: bool = False  # closed by its client: heartbeats answer 410, as Tinker's do
 
 
 @dataclass
@@ -60,6 +67,7 @@ class Model:
     model_id: str
     adapter: str
     rank: int
+    last_request: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -101,6 +109,8 @@ class Service:
         s = self.sessions.get(session_id)
         if s is None or s.tenant != tenant:
             raise HTTPError(404, f"unknown session {session_id!r}; create_session makes one")
+        if s.finished:
+            raise HTTPError(410, f"session {session_id!r} was finished; create_session makes a new one")
         s.last_seen = time.monotonic()
         return s
 
@@ -128,6 +138,7 @@ class Service:
     def ordered(self, tenant: str, model: Model, seq_id: int | None, fn, encode) -> dict:
         if seq_id is None:
             raise HTTPError(400, "seq_id is missing; allowed: the training client's request counter + 1")
+        model.last_request = time.time()
         with self.lock:
             seen = self.seen.setdefault(model.model_id, {})
             if seq_id in seen:  # the SDK re-sent a POST whose answer it lost
@@ -150,11 +161,51 @@ class Service:
         now = time.monotonic()
         for sid, s in list(self.sessions.items()):
             if now - s.last_seen > SESSION_TTL_SECONDS:
-                log.info("session %s is silent for %.0f s; deleting its %d models", sid, now - s.last_seen,
-                         len(s.models))
-                for model_id in s.models:
-                    self.drop_model(model_id)
+                if not s.finished:
+                    log.info("session %s is silent for %.0f s; deleting its %d models", sid, now - s.last_seen,
+                             len(s.models))
+                self.finish_session(s)
                 del self.sessions[sid]
+
+    def finish_session(self, s: Session) -> None:
+        for model_id in list(s.models):
+            self.drop_model(model_id)
+        s.models.clear()
+        s.finished = True
+
+    def expire_checkpoints(self) -> None:
+        """Runs on the worker, which writes checkpoints, so a save and a deletion never meet."""
+        for file in self.checkpoints.expire():
+            self.saved.pop(file, None)
+            log.info("checkpoint %s expired (ttl_seconds); deleted", file)
+
+    # ---- training runs and their checkpoints --------------------------------------------------------
+
+    def checkpoint_view(self, c: Stored) -> tt.Checkpoint:
+        return tt.Checkpoint(
+            checkpoint_id=f"{c.kind}/{c.name}", checkpoint_type="training" if c.kind == "weights" else "sampler",
+            time=_utc(c.created), tinker_path=CheckpointStore.tinker_path(c.model_id, c.kind, c.name),
+            size_bytes=c.size_bytes, expires_at=_utc(c.expires_at) if c.expires_at is not None else None)
+
+    def training_run(self, tenant: str, model_id: str) -> tt.TrainingRun:
+        """A live model of this tenant, or one whose checkpoints are on disk (an earlier run)."""
+        m = self.models.get(model_id)
+        live = m if m is not None and m.tenant == tenant else None
+        stored = self.checkpoints.list(tenant, model_id) if model_id in self.checkpoints.models_on_disk(tenant) else []
+        if live is None and not stored:
+            raise HTTPError(404, f"unknown training run {model_id!r}; allowed: a model_id of this tenant")
+        training = [c for c in stored if c.kind == "weights"]
+        sampler = [c for c in stored if c.kind == "sampler_weights"]
+        rank = live.rank if live else next((lora.rank for c in reversed(stored) if (lora := read_lora(c.file))), None)
+        last = live.last_request if live else max(c.created for c in stored)
+        return tt.TrainingRun(training_run_id=model_id, base_model=self.model_name, model_owner=tenant, is_lora=True,
+                              lora_rank=rank, last_request_time=_utc(last),
+                              last_checkpoint=self.checkpoint_view(training[-1]) if training else None,
+                              last_sampler_checkpoint=self.checkpoint_view(sampler[-1]) if sampler else None)
+
+    def run_ids(self, tenant: str) -> list[str]:
+        live = [m.model_id for m in self.models.values() if m.tenant == tenant]
+        return sorted(set(live) | set(self.checkpoints.models_on_disk(tenant)))
 
     def drop_model(self, model_id: str):
         """Forget the model now; its adapters (live and frozen copies) are deleted by the returned job."""
@@ -226,7 +277,15 @@ class Service:
 def create_app(service: Service) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        async def housekeeping():
+            while True:
+                service.reap_sessions()
+                service.worker.call(lambda trainer: service.expire_checkpoints())
+                await asyncio.sleep(HOUSEKEEPING_SECONDS)
+
+        task = asyncio.create_task(housekeeping())
         yield
+        task.cancel()
         log.info("colo: shutting down: finishing the running job, answering queued ones")
         service.stopping = True
         limit = service.trainer.config.stall_seconds
@@ -345,6 +404,30 @@ def create_app(service: Service) -> FastAPI:
         svc.session(tenant, req.session_id)
         return {"type": "session_heartbeat"}
 
+    @app.post("/api/v1/sessions/{session_id}/finish")
+    async def finish_session(session_id: str, request: Request):
+        """The SDK's ServiceClient.close(): the session's models are deleted, its heartbeats answer 410."""
+        tenant = tenant_of(request)
+        await body_of(request)
+        s = svc.sessions.get(session_id)
+        if s is None or s.tenant != tenant:
+            raise HTTPError(404, f"unknown session {session_id!r}")
+        svc.finish_session(s)  # a second finish changes nothing (first wins, as in Tinker)
+        return {}
+
+    @app.get("/api/v1/sessions/{session_id}")
+    async def get_session(session_id: str, request: Request):
+        tenant = tenant_of(request)
+        s = svc.sessions.get(session_id)
+        if s is None or s.tenant != tenant:
+            raise HTTPError(404, f"unknown session {session_id!r}")
+        return tt.GetSessionResponse(training_run_ids=sorted(s.models), sampler_ids=sorted(s.samplers)).model_dump()
+
+    @app.get("/api/v1/sessions")
+    async def list_sessions(request: Request):
+        tenant = tenant_of(request)
+        return tt.ListSessionsResponse(sessions=[sid for sid, s in svc.sessions.items() if s.tenant == tenant]).model_dump()
+
     # ---- models ---------------------------------------------------------------------------------------
 
     @app.post("/api/v1/create_model")
@@ -433,13 +516,16 @@ def create_app(service: Service) -> FastAPI:
         m = svc.model(tenant, req.model_id)
         name = req.path or f"step-{uuid.uuid4().hex[:8]}"
         file = checked(lambda: svc.checkpoints.file(tenant, m.model_id, "weights", name))
+        ttl = checked_ttl(req.ttl_seconds)
         overwrite = req.overwrite
 
         def run(trainer: Trainer) -> str:
             if file.exists() and not overwrite:
                 raise InvalidRequestError(f"checkpoint {name!r} exists; allowed: a new name, or overwrite=True")
             svc.checkpoints.sweep(svc.checkpoints.root / tenant)
+            svc.expire_checkpoints()
             trainer.save_state(m.adapter, file, optimizer=True)
+            CheckpointStore.set_ttl(file, ttl)
             return CheckpointStore.tinker_path(m.model_id, "weights", name)
 
         return svc.ordered(tenant, m, req.seq_id, run, lambda path: json(tt.SaveWeightsResponse(path=path)))
@@ -488,11 +574,14 @@ def create_app(service: Service) -> FastAPI:
         file = checked(lambda: svc.checkpoints.file(tenant, m.model_id, "sampler_weights", name))
         path = CheckpointStore.tinker_path(m.model_id, "sampler_weights", name)
         inflight = req.kind == "inflight"
+        ttl = checked_ttl(req.ttl_seconds)
 
         def run(trainer: Trainer) -> tt.SaveWeightsForSamplerResponseInternal:
             version = trainer.version(m.adapter)
             svc.checkpoints.sweep(svc.checkpoints.root / tenant)
+            svc.expire_checkpoints()
             trainer.save_state(m.adapter, file, optimizer=False)
+            CheckpointStore.set_ttl(file, ttl)
             svc.saved[file] = (m.model_id, version)
             if named:
                 return tt.SaveWeightsForSamplerResponseInternal(path=path)
@@ -504,14 +593,86 @@ def create_app(service: Service) -> FastAPI:
 
         return svc.ordered(tenant, m, req.seq_id, run, json)
 
+    # ---- training runs (REST) ---------------------------------------------------------------------------
+
+    def page(request: Request) -> tuple[int, int]:
+        try:
+            limit = int(request.query_params.get("limit", 20))
+            offset = int(request.query_params.get("offset", 0))
+        except ValueError:
+            raise HTTPError(400, "limit and offset must be integers") from None
+        if not (1 <= limit <= 1000 and offset >= 0):
+            raise HTTPError(400, f"limit={limit}, offset={offset}; allowed: limit in [1, 1000], offset >= 0")
+        return limit, offset
+
+    @app.get("/api/v1/training_runs")
+    async def list_training_runs(request: Request):
+        tenant = tenant_of(request)
+        limit, offset = page(request)
+        ids = svc.run_ids(tenant)
+        runs = [svc.training_run(tenant, i) for i in ids[offset: offset + limit]]
+        return tt.TrainingRunsResponse(training_runs=runs, cursor=tt.Cursor(offset=offset, limit=limit,
+                                                                            total_count=len(ids))).model_dump(mode="json")
+
+    @app.get("/api/v1/training_runs/{model_id}")
+    async def get_training_run(model_id: str, request: Request):
+        return svc.training_run(tenant_of(request), model_id).model_dump(mode="json")
+
+    @app.get("/api/v1/training_runs/{model_id}/checkpoints")
+    async def list_checkpoints(model_id: str, request: Request):
+        tenant = tenant_of(request)
+        checked(lambda: svc.checkpoints.file(tenant, model_id, "weights", "x"))  # the id's pattern
+        stored = svc.checkpoints.list(tenant, model_id)
+        return tt.CheckpointsListResponse(checkpoints=[svc.checkpoint_view(c) for c in stored]).model_dump(mode="json")
+
+    @app.get("/api/v1/checkpoints")
+    async def list_user_checkpoints(request: Request):
+        tenant = tenant_of(request)
+        limit, offset = page(request)
+        stored = sorted((c for m in svc.checkpoints.models_on_disk(tenant) for c in svc.checkpoints.list(tenant, m)),
+                        key=lambda c: c.created, reverse=True)
+        return tt.CheckpointsListResponse(
+            checkpoints=[svc.checkpoint_view(c) for c in stored[offset: offset + limit]],
+            cursor=tt.Cursor(offset=offset, limit=limit, total_count=len(stored))).model_dump(mode="json")
+
+    def stored_file(tenant: str, model_id: str, kind: str, name: str) -> Path:
+        file = checked(lambda: svc.checkpoints.file(tenant, model_id, kind, name))
+        if not file.is_file():
+            raise HTTPError(404, f"no checkpoint {kind}/{name} of training run {model_id!r} for this tenant")
+        return file
+
+    @app.delete("/api/v1/training_runs/{model_id}/checkpoints/{kind}/{name}")
+    async def delete_checkpoint(model_id: str, kind: str, name: str, request: Request):
+        tenant = tenant_of(request)
+        file = stored_file(tenant, model_id, kind, name)
+
+        def delete(trainer: Trainer) -> None:  # on the worker, which writes checkpoints
+            svc.checkpoints.delete(file)
+            svc.saved.pop(file, None)
+
+        await asyncio.wrap_future(svc.worker.call(delete))
+        return {}
+
+    @app.put("/api/v1/training_runs/{model_id}/checkpoints/{kind}/{name}/ttl")
+    async def set_checkpoint_ttl(model_id: str, kind: str, name: str, request: Request):
+        tenant = tenant_of(request)
+        file = stored_file(tenant, model_id, kind, name)
+        try:
+            ttl = json_module.loads(await body_of(request) or b"{}").get("ttl_seconds")
+        except (ValueError, AttributeError):
+            raise HTTPError(400, "body: allowed: {\"ttl_seconds\": <seconds> or null}") from None
+        CheckpointStore.set_ttl(file, checked_ttl(ttl))
+        return {}
+
     # ---- sampling -------------------------------------------------------------------------------------
 
     @app.post("/api/v1/create_sampling_session")
     async def create_sampling_session(request: Request):
         tenant = tenant_of(request)
         req = await parse(request, tt.CreateSamplingSessionRequest)
-        svc.session(tenant, req.session_id)
+        session = svc.session(tenant, req.session_id)
         sampler_id = uuid.uuid4().hex
+        session.samplers.add(sampler_id)
         if req.model_path is None:
             svc.check_base_model(req.base_model)
             svc.samplers[sampler_id] = Sampler(tenant, sampler_id)
@@ -599,7 +760,25 @@ def create_app(service: Service) -> FastAPI:
         await body_of(request)
         return {}
 
+    served = sorted({f"{m} {r.path}" for r in app.routes for m in getattr(r, "methods", ()) if m != "HEAD"})
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+    async def not_served(path: str, request: Request):
+        # a clear answer for what the SDK may call and colo does not do (publishing, billing, ...);
+        # 4xx, since the SDK retries a 5xx forever
+        raise HTTPError(404, f"{request.method} /{path} is not served by colo; served: {', '.join(served)}")
+
     return app
+
+
+def checked_ttl(ttl) -> int | None:
+    if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= 10 * 365 * 86400):
+        raise HTTPError(400, f"ttl_seconds={ttl!r}; allowed: None (keep) or whole seconds in [1, 315360000]")
+    return ttl
+
+
+def _utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)
 
 
 def checked(fn):
