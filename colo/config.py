@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from colo.errors import ConfigError
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ENV_PREFIX = "COLO_"
 
 
@@ -23,8 +23,9 @@ class Config(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
     model: str = Field(DEFAULT_MODEL, description=(
-        "Base model: the embedded default `SmolLM2-135M-Instruct` (converted once into the model "
-        "cache), a local Hugging Face model directory, or a hub id."))
+        "Base model: the embedded default `HuggingFaceTB/SmolLM2-135M-Instruct` (also `SmolLM2-135M-Instruct`; "
+        "converted once into the model cache from a registry package, no hub needed, and linked into the Hugging "
+        "Face cache under its hub id), a local Hugging Face model directory, or a hub id."))
     model_cache_dir: str = Field("~/.cache/colo/models", description="Where the embedded default model is converted to.")
     engine: str = Field("auto", description=(
         "Sampler: `auto` (vllm where it imports, else pytorch), `pytorch`, `vllm`, the server engines "

@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from tinker import types as tt
 
-from colo import tinker_wire
+from colo import default_model, tinker_wire
 from colo.checkpoint import read_lora
 from colo.checkpoint_store import CheckpointStore, Stored
 from colo.errors import ColoError, EngineError, InvalidRequestError
@@ -91,7 +91,12 @@ class Service:
         self.tenants = tenants
         self.checkpoints = checkpoints
         self.futures = Futures()
-        self.model_name = model_name or trainer.config.model
+        configured = model_name or trainer.config.model
+        self.model_name = default_model.HUB_ID if default_model.is_default(configured) else configured
+        # names a client may use for the base model: the served name, the short name, the local path
+        self.base_names = {self.model_name, configured, trainer.model_path}
+        if default_model.is_default(configured):
+            self.base_names.add(default_model.NAME)
         self.arch = next(iter(trainer.policy._base.config.architectures or []), "unknown")
         self.sessions: dict[str, Session] = {}
         self.models: dict[str, Model] = {}
@@ -127,7 +132,7 @@ class Service:
         return s
 
     def check_base_model(self, base_model: str | None) -> None:
-        if base_model is not None and base_model not in (self.model_name, self.trainer.model_path):
+        if base_model is not None and base_model not in self.base_names:
             raise HTTPError(400, f"base_model {base_model!r} is not served here; allowed: {self.model_name!r}")
 
     # ---- futures ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_defaults():
     c = Config()
-    assert c.model == "SmolLM2-135M-Instruct"
+    assert c.model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert (c.host, c.port) == ("127.0.0.1", 8000)
 
 
