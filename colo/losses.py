@@ -3,6 +3,11 @@
 ``logprobs`` is the trainer's logprob of each target token, shape (N,); ``inputs`` is the datum's
 ``loss_fn_inputs``. Ratios use the sampler's logprobs (``inputs["logprobs"]``): that is what makes
 the policy-gradient losses correct when the sampler's weights lag the trainer's.
+
+``stable_reinforce``'s objective is colo's choice (Tinker documents its protocol, not its formula):
+REINFORCE with truncated importance weights, w = min(p/q, truncation) held constant (TIS: Yao et al.
+2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"), plus an optional
+quadratic penalty kl_coeff * (log p - log q)^2 / 2 on the trained (nonzero-advantage) tokens.
 """
 
 from __future__ import annotations
@@ -40,6 +45,36 @@ def cispo(logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], config: dict[
     return -(clipped * logprobs * inputs["advantages"]).sum()
 
 
+def dro(logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], config: dict[str, float]) -> torch.Tensor:
+    """Tinker's DRO: maximise log p * A - beta/2 * (log p - log q)^2 over the sampled tokens. Positions whose
+    sampler logprob and advantage are both 0 (a prompt, in the cookbook's datums) were not sampled: left out."""
+    sampler, advantages = inputs["logprobs"], inputs["advantages"]
+    sampled = (sampler != 0) | (advantages != 0)
+    objective = logprobs * advantages - 0.5 * config["beta"] * (logprobs - sampler) ** 2
+    return -(objective * sampled).sum()
+
+
+def gspo(logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], config: dict[str, float]) -> torch.Tensor:
+    """GSPO (Zheng et al. 2025) in its token form: one ratio per sequence, the geometric mean of p/q over the
+    positions of ``sequence_ratio_mask`` (default: the nonzero-advantage ones), carried to each token with the
+    token's own gradient, and clipped as PPO clips (thresholds around 1: 1 - 3e-4 and 1 + 4e-4, the paper's)."""
+    sampler, advantages = inputs["logprobs"], inputs["advantages"]
+    mask = inputs.get("sequence_ratio_mask")
+    in_ratio = (mask != 0) if mask is not None else (advantages != 0)
+    log_ratio = (logprobs.detach() - sampler)[in_ratio].mean() if bool(in_ratio.any()) else logprobs.new_zeros(())
+    ratio = torch.exp(log_ratio + logprobs - logprobs.detach())  # value: the sequence's; gradient: the token's
+    clipped = torch.clamp(ratio, config["clip_low_threshold"], config["clip_high_threshold"])
+    return -torch.min(ratio * advantages, clipped * advantages).sum()
+
+
+def stable_reinforce(logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], config: dict[str, float]) -> torch.Tensor:
+    sampler, advantages = inputs["logprobs"], inputs["advantages"]
+    weight = torch.exp(logprobs.detach() - sampler).clamp(max=config["truncation"])
+    trained = advantages != 0
+    penalty = 0.5 * config["kl_coeff"] * ((logprobs - sampler) ** 2 * trained).sum()
+    return -(weight * advantages * logprobs).sum() + penalty
+
+
 @dataclass(frozen=True)
 class LossSpec:
     fn: LossFn
@@ -55,4 +90,10 @@ LOSSES: dict[str, LossSpec] = {
     "importance_sampling": LossSpec(importance_sampling, required=("logprobs", "advantages")),
     "ppo": LossSpec(ppo, required=("logprobs", "advantages"), defaults=_CLIP),
     "cispo": LossSpec(cispo, required=("logprobs", "advantages"), defaults=_CLIP),
+    # beta: Tinker's documentation shows 0.05 and states no default; colo takes that value
+    "dro": LossSpec(dro, required=("logprobs", "advantages"), defaults=(("beta", 0.05),)),
+    "gspo": LossSpec(gspo, required=("logprobs", "advantages"), optional=("sequence_ratio_mask",),
+                     defaults=(("clip_low_threshold", 1 - 3e-4), ("clip_high_threshold", 1 + 4e-4))),
+    "stable_reinforce": LossSpec(stable_reinforce, required=("logprobs", "advantages"),
+                                 defaults=(("truncation", 2.0), ("kl_coeff", 0.0))),
 }

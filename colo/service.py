@@ -31,6 +31,7 @@ from colo.checkpoint import read_lora
 from colo.checkpoint_store import CheckpointStore, Stored
 from colo.errors import ColoError, EngineError, InvalidRequestError
 from colo.futures import Futures
+from colo.stability import StabilityRecords
 from colo.tenants import Tenants
 from colo.trainer import Trainer
 from colo.types import AdamParams, SampleJob
@@ -91,6 +92,7 @@ class Service:
         self.tenants = tenants
         self.checkpoints = checkpoints
         self.futures = Futures()
+        self.stability = StabilityRecords()
         configured = model_name or trainer.config.model
         self.model_name = default_model.HUB_ID if default_model.is_default(configured) else configured
         # names a client may use for the base model: the served name, the short name, the local path
@@ -494,6 +496,20 @@ def create_app(service: Service) -> FastAPI:
         verb = Trainer.forward if call.forward_only else Trainer.forward_backward
 
         def run(trainer: Trainer):
+            if call.loss_fn == "stable_reinforce":
+                for i, (d, spans) in enumerate(zip(call.data, call.spans)):
+                    if not spans:
+                        raise InvalidRequestError(
+                            f"data[{i}] has no loss_fn_input_spans; stable_reinforce trains on sequences recorded at "
+                            "sampling time: allowed: datums with provenance spans (Datum.with_provenance) naming "
+                            "sequences sampled with record_stability_info=True")
+                    targets = d.loss_fn_inputs.get("target_tokens")
+                    advantages = d.loss_fn_inputs.get("advantages")
+                    if targets is None or advantages is None:
+                        break  # the Trainer's own checks say what is missing
+                    # the loss weighs by what the sampler really computed, not by what the client sent
+                    d.loss_fn_inputs["logprobs"] = svc.stability.sampler_logprobs(
+                        tenant, i, targets.tolist(), advantages, spans)
             return verb(trainer, m.adapter, call.data, call.loss_fn, call.loss_fn_config)
 
         return svc.ordered(tenant, m, call.seq_id, run,
@@ -712,8 +728,7 @@ def create_app(service: Service) -> FastAPI:
             ("topk_prompt_logprobs", req.topk_prompt_logprobs > 0), ("topk_sample_logprobs", req.topk_sample_logprobs > 0),
             ("target_prompt_logprobs", req.target_prompt_logprobs is not None),
             ("prompt_alt_tokens_k", req.prompt_alt_tokens_k > 0),
-            ("prompt_logprobs_last_n", req.prompt_logprobs_last_n is not None),
-            ("record_stability_info", bool(req.record_stability_info))) if on]
+            ("prompt_logprobs_last_n", req.prompt_logprobs_last_n is not None)) if on]
         if unsupported:
             raise HTTPError(400, f"{', '.join(unsupported)}: not supported by colo; allowed: prompt_logprobs")
         if req.sampling_session_id is not None:
@@ -730,9 +745,17 @@ def create_app(service: Service) -> FastAPI:
         def resolve(trainer: Trainer) -> SampleJob:
             return SampleJob(svc.resolve_adapter(trainer, s), prompt, req.num_samples, params, want_prompt)
 
-        answer = svc.submit(tenant, svc.worker.sample(s.sampler_id, resolve),
-                            lambda result: (tinker_wire.sample_response(result), "proto"))
-        answer["sample_sequence_ids"] = [f"{answer['request_id']}:{i}" for i in range(req.num_samples)]
+        future = svc.worker.sample(s.sampler_id, resolve)
+        answer = svc.submit(tenant, future, lambda result: (tinker_wire.sample_response(result), "proto"))
+        ids = [f"{answer['request_id']}:{i}" for i in range(req.num_samples)]
+        answer["sample_sequence_ids"] = ids
+        if req.record_stability_info:
+            def record(done) -> None:
+                if done.exception() is None:
+                    for sequence_id, seq in zip(ids, done.result().sequences):
+                        svc.stability.record(tenant, sequence_id, prompt, seq.tokens, seq.logprobs)
+
+            future.add_done_callback(record)
         return answer
 
     # ---- futures --------------------------------------------------------------------------------------

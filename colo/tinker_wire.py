@@ -17,6 +17,7 @@ import zstandard
 from tinker.proto import tinker_public_pb2 as pb
 
 from colo.errors import InvalidRequestError
+from colo.stability import Span
 from colo.types import Datum, ForwardBackwardOutput, SampleResult, SamplingParams
 
 MAX_DECOMPRESSED_BYTES = 256 * 1024 * 1024
@@ -33,6 +34,7 @@ class ForwardBackwardCall:
     loss_fn_config: dict[str, float] | None
     forward_only: bool
     data: list[Datum]
+    spans: list[list[Span]]  # per datum: where each target token came from (provenance); may be empty
 
 
 def decompress(body: bytes, content_encoding: str | None) -> bytes:
@@ -62,7 +64,19 @@ def parse_forward_backward(body: bytes) -> ForwardBackwardCall:
     for k, v in msg.loss_fn_config.items():
         config.setdefault(k, v)
     data = [_datum(d, i) for i, d in enumerate(msg.data)]
-    return ForwardBackwardCall(msg.model_id, msg.seq_id, msg.loss_fn, config or None, msg.forward_only, data)
+    spans = [[_span(s, f"data[{i}].loss_fn_input_spans") for s in d.loss_fn_input_spans] for i, d in enumerate(msg.data)]
+    return ForwardBackwardCall(msg.model_id, msg.seq_id, msg.loss_fn, config or None, msg.forward_only, data, spans)
+
+
+def _span(msg, where: str) -> Span:
+    kind = msg.WhichOneof("span")
+    if kind is None:
+        raise InvalidRequestError(f"{where} has an empty span; allowed: prompt_tokens or sampled_tokens spans")
+    arm = getattr(msg, kind)
+    if not arm.sequence_id or arm.offset < 0 or arm.length < 0:
+        raise InvalidRequestError(f"{where}: span of {arm.sequence_id!r} at {arm.offset}, length {arm.length}; "
+                                  "allowed: a sequence_id, offset >= 0, length >= 0")
+    return Span("prompt" if kind == "prompt_tokens" else "sampled", arm.sequence_id, arm.offset, arm.length)
 
 
 def _datum(msg, index: int) -> Datum:

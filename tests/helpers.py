@@ -14,7 +14,22 @@ REFERENCE_LOSSES = {
     "ppo": lambda lp, x: -torch.minimum(torch.exp(lp - x["logprobs"]) * x["advantages"],
                                         torch.exp(lp - x["logprobs"]).clamp(*CLIP) * x["advantages"]).sum(),
     "cispo": lambda lp, x: -(torch.exp(lp - x["logprobs"]).clamp(*CLIP).detach() * lp * x["advantages"]).sum(),
+    # beta 0.05; positions with sampler logprob and advantage both 0 were not sampled
+    "dro": lambda lp, x: -(((x["logprobs"] != 0) | (x["advantages"] != 0))
+                           * (lp * x["advantages"] - 0.025 * (lp - x["logprobs"]) ** 2)).sum(),
+    # the sequence's ratio (geometric mean over nonzero-advantage tokens), each token's gradient, clip 1 -3e-4/+4e-4
+    "gspo": lambda lp, x: _gspo(lp, x["logprobs"], x["advantages"]),
+    # truncation 2, kl_coeff 0
+    "stable_reinforce": lambda lp, x: -(torch.exp(lp - x["logprobs"]).clamp(max=2.0).detach() * lp
+                                        * x["advantages"]).sum(),
 }
+
+
+def _gspo(lp, q, a):
+    on = a != 0
+    s = torch.exp((lp - q)[on].mean()).detach()
+    per_token = s * torch.exp(lp - lp.detach())
+    return -torch.minimum(per_token * a, per_token.clamp(1 - 3e-4, 1 + 4e-4) * a).sum()
 
 
 def encode(trainer, text: str) -> list[int]:

@@ -54,7 +54,54 @@ def test_cispo_weights_logprobs_by_the_detached_clipped_ratio():
     assert grad == pytest.approx([-1.0, 0.8, -2.0, -1.2])
 
 
-@pytest.mark.parametrize("loss_fn", ["cross_entropy", "importance_sampling", "ppo", "cispo"])
+def test_dro_rewards_logprobs_and_pulls_them_toward_the_sampler():
+    loss, grad = run("dro", RL_INPUTS, {"beta": 0.05})
+    # objective per token: lp * A - 0.025 * (lp - q)^2 = -1, 2 - 0.00625, -1, -0.5 - 0.00625
+    assert loss == pytest.approx(0.5125)
+    assert grad == pytest.approx([-1.0, 0.975, -2.0, -0.975])  # -(A - beta * (lp - q))
+
+
+def test_dro_leaves_out_positions_that_were_not_sampled():
+    lp = torch.tensor(LP + [-3.0], requires_grad=True)  # a prompt position: sampler logprob 0, advantage 0
+    inputs = {"logprobs": torch.tensor(SAMPLER_LP + [0.0]), "advantages": torch.tensor(ADV + [0.0])}
+    loss = LOSSES["dro"].fn(lp, inputs, {"beta": 0.05})
+    loss.backward()
+    assert loss.item() == pytest.approx(0.5125) and lp.grad[-1].item() == 0.0
+
+
+def test_gspo_clips_one_ratio_per_sequence():
+    inputs = {**RL_INPUTS, "sequence_ratio_mask": torch.tensor([1.0, 1.0, 0.0, 0.0])}
+    loss, grad = run("gspo", inputs, CLIP)
+    s = math.exp(-0.25)  # the geometric mean of p/q over the masked tokens: exp(mean(0, -0.5))
+    # A > 0: min(s A, 0.8 A) = s A (the ratio's own branch); A = -1: min(-s, -0.8) = -0.8 (clipped, no gradient)
+    assert loss == pytest.approx(-(s * 1 - 0.8 + s * 2 + s * 1))
+    assert grad == pytest.approx([-s, 0.0, -2 * s, -s])
+
+
+def test_gspo_without_a_mask_uses_the_trained_tokens_and_its_paper_thresholds():
+    # over all four tokens the mean log ratio is 0: s = 1, inside [1 - 3e-4, 1 + 4e-4]
+    loss, grad = run("gspo", RL_INPUTS, dict(LOSSES["gspo"].defaults))
+    assert loss == pytest.approx(-(1 - 1 + 2 + 1))
+    assert grad == pytest.approx([-1.0, 1.0, -2.0, -1.0])
+
+
+def test_stable_reinforce_truncates_the_importance_weight_and_holds_it_constant():
+    loss, grad = run("stable_reinforce", RL_INPUTS, {"truncation": 2.0, "kl_coeff": 0.0})
+    w = [1.0, math.exp(-0.5), 1.0, math.exp(0.5)]
+    assert loss == pytest.approx(-(w[0] * 1 * -1.0 + w[1] * -1 * -2.0 + w[2] * 2 * -0.5 + w[3] * 1 * -0.5))
+    assert grad == pytest.approx([-1.0, w[1], -2.0, -w[3]])  # -w A: the weight carries no gradient
+    _, grad = run("stable_reinforce", RL_INPUTS, {"truncation": 1.2, "kl_coeff": 0.0})
+    assert grad[3] == pytest.approx(-1.2)  # e^0.5 = 1.65, cut to 1.2
+
+
+def test_stable_reinforce_kl_penalty():
+    base, base_grad = run("stable_reinforce", RL_INPUTS, {"truncation": 2.0, "kl_coeff": 0.0})
+    loss, grad = run("stable_reinforce", RL_INPUTS, {"truncation": 2.0, "kl_coeff": 0.1})
+    assert loss - base == pytest.approx(0.05 * (0.25 + 0.25))  # kl/2 * sum (lp - q)^2
+    assert [g - b for g, b in zip(grad, base_grad)] == pytest.approx([0.0, -0.05, 0.0, 0.05])  # kl * (lp - q)
+
+
+@pytest.mark.parametrize("loss_fn", list(LOSSES))
 def test_trainer_reports_the_sum_of_the_loss_over_data(trainer, adapter, loss_fn):
     tokens = [[5, 9, 17, 33, 8], [40, 41, 42]]
     data = []

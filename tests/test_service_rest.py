@@ -4,8 +4,10 @@ sessions that finish, and a clear answer for what colo does not serve."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import httpx
+import numpy as np
 import pytest
 import tinker
 from conftest import ALICE, BOB
@@ -100,3 +102,71 @@ def test_what_colo_does_not_serve_gets_a_clear_4xx(service, tokens):
         rest(service).publish_checkpoint_from_tinker_path(path).result()
     r = post(service, "/api/v1/no_such_thing", json={})
     assert r.status_code == 404 and "POST /api/v1/no_such_thing is not served by colo" in r.json()["detail"]
+
+
+def rl_datum(prompt: list[int], seq, advantage: float, sampler_logprobs: list[float]) -> types.Datum:
+    """A cookbook-shaped RL datum with provenance: prompt, then the sampled tokens."""
+    tokens = prompt + list(seq.tokens)
+    n = len(tokens) - 1
+    p = len(prompt)
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": np.array(tokens[1:], dtype=np.int64),
+                        "logprobs": np.array([0.0] * (p - 1) + sampler_logprobs, dtype=np.float32),
+                        "advantages": np.array([0.0] * (p - 1) + [advantage] * (n - p + 1), dtype=np.float32)})
+    return datum.with_provenance(
+        model_input=[types.PromptProvenanceSpan(sequence_id=seq.sequence_id, length=p),
+                     types.SampledProvenanceSpan(sequence_id=seq.sequence_id, length=len(seq.tokens) - 1)],
+        loss_fn_inputs=[types.PromptProvenanceSpan(sequence_id=seq.sequence_id, offset=1, length=p - 1),
+                        types.SampledProvenanceSpan(sequence_id=seq.sequence_id, length=len(seq.tokens))])
+
+
+def test_stable_reinforce_trains_on_recorded_sequences_with_the_recorded_logprobs(service, tokens):
+    tc = client(service).create_lora_training_client(base_model=service.model_name, rank=8,
+                                                     train_unembed=False).result()
+    sampler = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()
+    prompt = tokens("one plus two answer")
+    out = sampler.sample(types.ModelInput.from_ints(prompt), 2, types.SamplingParams(max_tokens=5, seed=3)).result()
+    seqs = out.sequences
+    assert all(s.sequence_id for s in seqs) and len({s.sequence_id for s in seqs}) == 2
+    # the client sends garbage sampler logprobs; colo weighs by what it recorded, so the loss is the
+    # one computed from the true ones
+    honest = [rl_datum(prompt, s, adv, list(s.logprobs)) for s, adv in zip(seqs, (1.0, -1.0))]
+    lying = [rl_datum(prompt, s, adv, [-20.0] * len(s.tokens)) for s, adv in zip(seqs, (1.0, -1.0))]
+    a = tc.forward(honest, "stable_reinforce").result()
+    b = tc.forward(lying, "stable_reinforce").result()
+    assert a.metrics["loss:sum"] == pytest.approx(b.metrics["loss:sum"], rel=1e-6)
+    # ... and that loss is stable_reinforce's on the recorded logprobs: weights exp(lp - q) = 1 here
+    # (same weights, float32): loss = -sum A * lp over the sampled tokens
+    expected = 0.0
+    for datum, output in zip(honest, a.loss_fn_outputs):
+        lp = output["logprobs"].to_numpy()
+        adv = datum.loss_fn_inputs["advantages"].to_numpy()
+        expected -= float((adv * lp).sum())
+    assert a.metrics["loss:sum"] == pytest.approx(expected, rel=1e-3)
+    tc.forward_backward(honest, "stable_reinforce").result()
+    tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+
+
+def test_stable_reinforce_refuses_what_was_not_recorded(service, tokens):
+    tc = client(service).create_lora_training_client(base_model=service.model_name, rank=8,
+                                                     train_unembed=False).result()
+    prompt = tokens("one plus two answer")
+    plain = tc.save_weights_and_get_sampling_client().result()  # not recording
+    seq = plain.sample(types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=4, seed=1)).result()
+    with pytest.raises(tinker.RequestFailedError, match="was not recorded"):
+        tc.forward([rl_datum(prompt, seq.sequences[0], 1.0, list(seq.sequences[0].logprobs))],
+                   "stable_reinforce").result()
+    with pytest.raises(tinker.RequestFailedError, match="no loss_fn_input_spans"):
+        tc.forward([datum(prompt + list(seq.sequences[0].tokens))], "stable_reinforce").result()
+    recording = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()
+    rec = recording.sample(types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=4, seed=1)).result()
+    forged = SimpleNamespace(sequence_id=rec.sequences[0].sequence_id, tokens=[t + 1 for t in rec.sequences[0].tokens])
+    with pytest.raises(tinker.RequestFailedError, match="differ from sequence"):
+        tc.forward([rl_datum(prompt, forged, 1.0, list(rec.sequences[0].logprobs))], "stable_reinforce").result()
+    # another tenant cannot use alice's recorded sequence
+    bob = client(service, BOB).create_lora_training_client(base_model=service.model_name, rank=8,
+                                                           train_unembed=False).result()
+    with pytest.raises(tinker.RequestFailedError, match="was not recorded"):
+        bob.forward([rl_datum(prompt, rec.sequences[0], 1.0, list(rec.sequences[0].logprobs))],
+                    "stable_reinforce").result()
