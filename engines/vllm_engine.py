@@ -15,6 +15,7 @@ Trainer trains, each version registered from memory the moment ``optim_step`` pu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from colo.errors import EngineError, InvalidRequestError
-from colo.types import SampledSequence, SampleResult
+from colo.types import LoraConfig, SampledSequence, SampleResult
 from engines import vllm_lora
 from engines.base import AdapterUpdate, Capabilities, EngineContext, InferenceEngine, SampleRequest
 from engines.versions import Published, VersionTable
@@ -58,8 +59,10 @@ class VLLMEngine(InferenceEngine):
             sleep=on_gpu,
             shares_trainer_weights=False,
             multi_adapter_batch=True,
-            # vLLM 0.32 loads lm_head LoRA weights without applying them: measured, logprobs off by 0.57
-            unembed_lora=False,
+            # vLLM applies an lm_head LoRA when it samples (LogitsProcessorWithLoRA, tied embeddings
+            # too), but not per request when it scores a batch's prompts: prompt logprobs are then
+            # computed by the trainer's model (_prompt_logprobs_by_trainer)
+            unembed_lora=True,
         )
         self.max_loras = config.max_loras
         kwargs = {}
@@ -151,10 +154,40 @@ class VLLMEngine(InferenceEngine):
             raise InvalidRequestError(f"the vllm engine refuses these sampling parameters: {e}") from None
 
     def sample(self, requests: list[SampleRequest]) -> list[SampleResult]:
+        # vLLM scores all of a batch's prompts with one row of adapter indices per request, not per
+        # token: with an lm_head LoRA in any slot those rows would get the wrong adapter's output layer.
+        # While one is live, prompt logprobs come from the trainer's model, which holds the same version.
+        by_trainer = [i for i, r in enumerate(requests) if r.prompt_logprobs] if self._unembed_live() else []
+        if by_trainer:
+            asked = requests
+            requests = [dataclasses.replace(r, prompt_logprobs=False) if r.prompt_logprobs else r for r in requests]
         results: list[SampleResult] = []
         for group in _by_adapter_slots(requests, self.max_loras):
             results += self._sample_group(group)
+        if by_trainer:
+            scored = self._prompt_logprobs_by_trainer([asked[i] for i in by_trainer])
+            for i, lps in zip(by_trainer, scored):
+                results[i] = dataclasses.replace(results[i], prompt_logprobs=lps)
         return results
+
+    def _unembed_live(self) -> bool:
+        unembed = self.context.policy.target_modules(LoraConfig(train_attn=False, train_mlp=False, train_unembed=True))
+        return any(set(c.get("target_modules") or ()) & set(unembed) for c in self._configs.values())
+
+    def _prompt_logprobs_by_trainer(self, requests: list[SampleRequest]) -> list[list[float | None]]:
+        policy = self.context.policy
+        out: list[list[float | None]] = [[None] for _ in requests]
+        by_adapter: dict[str | None, list[int]] = {}
+        for i, r in enumerate(requests):
+            by_adapter.setdefault(r.adapter.adapter if r.adapter else None, []).append(i)
+        for adapter, indices in by_adapter.items():
+            scored = [i for i in indices if len(requests[i].prompt) > 1]
+            with policy.active(adapter) as model:
+                lps = policy.score(model, [requests[i].prompt[:-1] for i in scored],
+                                   [requests[i].prompt[1:] for i in scored])
+            for i, lp in zip(scored, lps):
+                out[i] = [None, *lp.tolist()]
+        return out
 
     def _sample_group(self, requests: list[SampleRequest]) -> list[SampleResult]:
         try:

@@ -115,9 +115,10 @@ def _lora_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Ten
     x = inputs.to(dtype)
     out = torch.zeros(x.shape[0], weights.shape[1], dtype=dtype, device=x.device)
     if indices.shape[0] != x.shape[0]:
-        # vLLM scores a request's prompt logprobs with the batch's per-sequence indices, so rows and
-        # indices do not correspond. Only the output layer's LoRA does this, and colo never loads one
-        # into vLLM (the engine declares unembed_lora=False): its slots hold zeros, which any row gets.
+        # vLLM scores a request's prompt logprobs with the batch's per-request indices, so rows and
+        # indices do not correspond. Only the output layer's LoRA does this; while any adapter has one,
+        # the engine computes prompt logprobs with the trainer's model instead, so here every slot of
+        # that layer holds zeros, which any row gets.
         if bool(weights.any()):
             raise RuntimeError("LoRA rows and adapter indices differ in number and the weights are not zero")
         return out

@@ -177,14 +177,33 @@ def test_more_live_adapters_than_vllm_holds_are_sampled_in_turn(vllm_trainer, ma
     assert len({tuple(r.sequences[0].logprobs) for r in together}) == len(together)  # 8 different models
 
 
+def test_train_unembed_samples_and_scores_prompts_as_the_trainer_does(vllm_trainer, make_vllm_adapter):
+    unembed = make_vllm_adapter(seed=21, train_unembed=True)
+    plain = make_vllm_adapter(seed=22)
+    overfit(vllm_trainer, unembed, encode(vllm_trainer, SEQ_A), steps=4, lr=5e-2)
+    overfit(vllm_trainer, plain, encode(vllm_trainer, SEQ_B), steps=4, lr=5e-2)
+    lm_head_b = [p for k, p in vllm_trainer.adapters[unembed].params.items() if ".lm_head.lora_B" in k]
+    assert lm_head_b and float(lm_head_b[0].abs().max()) > 1e-3  # the output layer's LoRA is really trained
+    prompt = encode(vllm_trainer, PROMPTS[0])
+    jobs = [SampleJob(a, prompt, 2, SamplingParams(max_tokens=6, seed=4), prompt_logprobs=True)
+            for a in (unembed, plain, None)]
+    results = vllm_trainer.sample_batch(jobs)
+    for adapter, result in zip((unembed, plain, None), results):
+        assert max(gaps_of(vllm_trainer, adapter, [prompt], [result])) < TOLERANCE, adapter
+        ours = vllm_trainer.compute_logprobs(adapter, prompt)
+        assert result.prompt_logprobs[0] is None
+        assert max(abs(a - b) for a, b in zip(result.prompt_logprobs[1:], ours[1:])) < TOLERANCE, adapter
+    # without the unembedding LoRA the same tokens score differently: vLLM really applied it
+    vllm_trainer.delete_lora(unembed)
+    base_gap = max(gaps_of(vllm_trainer, None, [prompt], [results[0]]))
+    assert base_gap > 100 * TOLERANCE, base_gap
+
+
 def test_rank_above_max_lora_rank_and_prompt_longer_than_max_model_len(vllm_trainer, make_vllm_adapter):
     adapter = make_vllm_adapter()
     before = snapshot(vllm_trainer)
     with pytest.raises(InvalidRequestError, match=r"LoRA rank 32; allowed: an integer in \[1, 16\]"):
         vllm_trainer.create_lora(rank=32)
-    # vLLM would load lm_head LoRA weights and not apply them (logprobs off by 0.57): refused up front
-    with pytest.raises(InvalidRequestError, match="train_unembed=True: the vllm engine does not apply LoRA"):
-        vllm_trainer.create_lora(rank=4, train_unembed=True)
     with pytest.raises(ContextLengthError, match=r"prompts\[0\] is 256 tokens long; allowed: at most 255"):
         vllm_trainer.sample(adapter, [[5] * 256])
     assert_same_snapshot(before, snapshot(vllm_trainer))
