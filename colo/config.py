@@ -54,7 +54,7 @@ class Config(BaseSettings):
     max_models_per_tenant: int = Field(16, ge=1, description=(
         "Most training models (adapters) one tenant of the HTTP service may hold at once, so no tenant can take "
         "all of COLO_MAX_ADAPTERS; the SDK's `unload_model` frees one."))
-    max_lora_rank: int = Field(16, ge=1, le=512, description=(
+    max_lora_rank: int = Field(32, ge=1, le=512, description=(
         "Largest LoRA rank `create_lora` accepts. vLLM sizes every LoRA slot to it, so raise it only as "
         "far as needed: on CPU, 64 made rank-16 sampling 4x slower than 16."))
     max_samples_per_request: int = Field(1024, ge=1, description=(

@@ -92,3 +92,18 @@ def service(tiny_model_dir, tmp_path_factory):
     yield proc
     proc.stop()
     assert "colo: stopped cleanly" in proc.tail(200), proc.tail()
+
+
+@pytest.fixture(scope="session")
+def default_service(tmp_path_factory):
+    """The service as a new user starts it: the embedded default model and every setting at its default
+    (engine, dtype, rank limit, an open tenant); only the port and the checkpoint directory are the test's."""
+    from service_process import ServiceProcess
+
+    work = tmp_path_factory.mktemp("default-service")
+    proc = ServiceProcess({"COLO_CHECKPOINT_DIR": str(work / "checkpoints")}, work / "service.log")
+    proc.wait_ready(timeout=900)  # a fresh machine converts the default model first
+    proc.checkpoint_dir = work / "checkpoints"
+    yield proc
+    proc.stop()
+    assert "colo: stopped cleanly" in proc.tail(200), proc.tail()
