@@ -14,9 +14,9 @@ def main() -> int:
     from colo.errors import ConfigError
 
     try:
-        from colo.checkpoint_store import CheckpointStore
+        from colo.service.checkpoint_store import CheckpointStore
         from colo.config import Config
-        from colo.tenants import Tenants
+        from colo.service.tenants import Tenants
 
         config = Config()
         tenants = Tenants(config.api_key_tenants())

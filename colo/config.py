@@ -55,8 +55,9 @@ class Config(BaseSettings):
         "Most training models (adapters) one tenant of the HTTP service may hold at once, so no tenant can take "
         "all of COLO_MAX_ADAPTERS; the SDK's `unload_model` frees one."))
     max_lora_rank: int = Field(32, ge=1, le=512, description=(
-        "Largest LoRA rank `create_lora` accepts. vLLM sizes every LoRA slot to it, so raise it only as "
-        "far as needed: on CPU, 64 made rank-16 sampling 4x slower than 16."))
+        "Largest LoRA rank `create_lora` accepts; 32 is tinker-cookbook's default rank. vLLM sizes every LoRA "
+        "slot to it: on the 2-core CPU measured, rank-16 adapters sampled 6% slower in 32-slots than in 16-slots "
+        "(15% in 64-slots), and rank-32 adapters in 32-slots as fast as rank-16 in 16-slots (BENCHMARKS.md)."))
     max_samples_per_request: int = Field(1024, ge=1, description=(
         "Most samples one request may ask for (`num_samples`): a bound that keeps one request from holding "
         "the sampler for long."))

@@ -9,7 +9,7 @@ import torch
 from colo import AdamParams, Datum, LoraConfig, SampleJob, SamplingParams, capacity
 from colo.checkpoint import load_checkpoint, save_checkpoint
 from colo.errors import CheckpointError, EngineError, InvalidRequestError
-from colo.worker import Worker
+from colo.service.worker import Worker
 from engines.base import SampleRequest
 from helpers import assert_same_snapshot, encode, overfit, snapshot
 

@@ -141,7 +141,7 @@ def killed_mid_save(target) -> list:
 
 
 def test_temporary_files_of_killed_saves_are_removed_by_the_next_save_and_the_next_start(trainer, adapter, tmp_path):
-    from colo.checkpoint_store import CheckpointStore
+    from colo.service.checkpoint_store import CheckpointStore
 
     root = tmp_path / "checkpoints"
     target = root / "alice" / "m1" / "weights" / "a.safetensors"

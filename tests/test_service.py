@@ -243,3 +243,27 @@ def test_bad_job_inputs_fail_the_job_with_a_user_error_and_change_nothing(servic
     after = tc.forward([datum(seq)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
     np.testing.assert_array_equal(before, after)
     assert greedy(sampler, seq[:2], 3)  # the sampler still serves
+
+
+def test_forward_backward_custom_runs_in_the_client_and_trains_as_the_same_loss_on_the_server(service, tokens):
+    seq = tokens("a custom loss computed by the client")
+    a = client(service).create_lora_training_client(base_model=service.model_name, rank=8, seed=5,
+                                                    train_unembed=False).result()
+    b = client(service).create_lora_training_client(base_model=service.model_name, rank=8, seed=5,
+                                                    train_unembed=False).result()
+
+    def doubled_nll(data, logprobs):  # the SDK differentiates it and sends the gradient as weights
+        loss = sum(-2.0 * lp.sum() for lp in logprobs)
+        return loss, {"doubled_nll": float(loss.detach())}
+
+    out = a.forward_backward_custom([datum(seq)], doubled_nll).result()
+    a.optim_step(types.AdamParams(learning_rate=LR)).result()
+    doubled = types.Datum(model_input=types.ModelInput.from_ints(seq[:-1]),
+                          loss_fn_inputs={"target_tokens": np.array(seq[1:], dtype=np.int64),
+                                          "weights": np.full(len(seq) - 1, 2.0, dtype=np.float32)})
+    b.forward_backward([doubled], "cross_entropy").result()
+    b.optim_step(types.AdamParams(learning_rate=LR)).result()
+    assert out.metrics["doubled_nll"] > 0
+    after_a = a.forward([datum(seq)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    after_b = b.forward([datum(seq)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    np.testing.assert_allclose(after_a, after_b, atol=1e-5)

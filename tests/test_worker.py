@@ -10,7 +10,7 @@ import pytest
 
 from colo.errors import ColoError, EngineError, InvalidRequestError
 from colo.types import SampleJob, SamplingParams
-from colo.worker import ShuttingDown, Worker
+from colo.service.worker import ShuttingDown, Worker
 
 
 class CountingTrainer:
@@ -144,9 +144,9 @@ def test_a_dead_engine_is_not_asked_again_for_every_request_of_a_failed_batch(tr
 def test_the_health_check_tells_a_stalled_worker_from_an_idle_one(trainer, tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 
-    from colo.checkpoint_store import CheckpointStore
+    from colo.service.checkpoint_store import CheckpointStore
     from colo.service import Service, create_app
-    from colo.tenants import Tenants
+    from colo.service.tenants import Tenants
 
     monkeypatch.setattr(trainer.config, "stall_seconds", 1.0)
     service = Service(trainer, Tenants({}), CheckpointStore(tmp_path))

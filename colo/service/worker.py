@@ -100,7 +100,9 @@ class Worker:
         future: Future = Future()
         with self._cv:
             self._refuse_if_stopping()
-            order = self._ordered[key]
+            order = self._ordered.get(key)
+            if order is None:
+                raise ColoError(f"model {key} was deleted; allowed: a live model's requests")
             if seq_id < order.next_seq or seq_id in order.pending:
                 raise ColoError(f"seq_id {seq_id} of model {key} was already used; allowed: each seq_id once, "
                                 f"the next is {order.next_seq}")

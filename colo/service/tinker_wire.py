@@ -17,7 +17,7 @@ import zstandard
 from tinker.proto import tinker_public_pb2 as pb
 
 from colo.errors import InvalidRequestError
-from colo.stability import Span
+from colo.service.stability import Span
 from colo.types import Datum, ForwardBackwardOutput, SampleResult, SamplingParams
 
 MAX_DECOMPRESSED_BYTES = 256 * 1024 * 1024

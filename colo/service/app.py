@@ -1,0 +1,62 @@
+"""The Tinker API over HTTP, so the official ``tinker`` SDK trains and samples on this machine.
+
+``create_app`` puts the routes together (``routes_session``, ``routes_training``, ``routes_sampling``,
+``routes_runs``) over one ``Service``, runs the housekeeping timer (silent sessions reaped, expired
+checkpoints deleted), and on shutdown lets the running job finish, answers the queued ones and
+releases the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+
+from colo.service import routes_runs, routes_sampling, routes_session, routes_training
+from colo.service.http import HTTPError, Requests, add_error_handlers
+from colo.service.server import Service
+
+log = logging.getLogger(__name__)
+
+HOUSEKEEPING_SECONDS = 30.0  # how often silent sessions are reaped and expired checkpoints deleted
+
+
+def create_app(service: Service) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def housekeeping():
+            while True:
+                service.reap_sessions()
+                service.worker.call(service.expire_checkpoints)
+                await asyncio.sleep(HOUSEKEEPING_SECONDS)
+
+        task = asyncio.create_task(housekeeping())
+        yield
+        task.cancel()
+        log.info("colo: shutting down: finishing the running job, answering queued ones")
+        service.stopping = True
+        limit = service.trainer.config.stall_seconds
+        if not service.worker.stop(timeout=limit):
+            log.error("colo: the running job did not finish in %.0f s (COLO_STALL_SECONDS); exiting without it", limit)
+            return
+        service.trainer.close()
+        service.stopped = True
+        log.info("colo: stopped cleanly")
+
+    app = FastAPI(title="colo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    add_error_handlers(app)
+    rq = Requests(service.tenants, service.trainer.config.max_body_mib << 20)
+    for group in (routes_session, routes_training, routes_sampling, routes_runs):
+        app.include_router(group.routes(service, rq))
+
+    served = sorted({f"{m} {r.path}" for r in app.routes for m in getattr(r, "methods", ()) if m != "HEAD"})
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+    async def not_served(path: str, request: Request):
+        # a clear answer for what the SDK may call and colo does not do (publishing, billing, ...);
+        # 4xx, since the SDK retries a 5xx forever
+        raise HTTPError(404, f"{request.method} /{path} is not served by colo; served: {', '.join(served)}")
+
+    return app
