@@ -70,7 +70,7 @@ class EngineContext:
 
 class InferenceEngine(ABC):
     name: ClassVar[str]
-    capabilities: Capabilities  # a class attribute, or set in __init__ where it depends on the platform
+    capabilities: Capabilities  # a class attribute; see declared_capabilities where it depends on the platform
 
     def __init__(self, context: EngineContext) -> None:
         self.context = context

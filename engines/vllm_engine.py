@@ -40,8 +40,31 @@ def _under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+class _PlatformCapabilities:
+    """``VLLMEngine.capabilities``: what the installed vLLM can do on this machine, worked out on first read
+    (``colo engines`` reads it from the class, before any engine exists)."""
+
+    def __get__(self, obj, owner) -> Capabilities:
+        if "_capabilities" not in owner.__dict__:
+            from vllm.platforms import current_platform
+
+            owner._capabilities = Capabilities(
+                in_memory_adapter_loading=vllm_lora.supported(),
+                runtime_adapter_loading=True,
+                sleep=current_platform.is_cuda_alike(),
+                shares_trainer_weights=False,
+                multi_adapter_batch=True,
+                # vLLM applies an lm_head LoRA when it samples (LogitsProcessorWithLoRA, tied embeddings
+                # too), but not per request when it scores a batch's prompts: prompt logprobs are then
+                # computed by the trainer's model (_prompt_logprobs_by_trainer)
+                unembed_lora=True,
+            )
+        return owner._capabilities
+
+
 class VLLMEngine(InferenceEngine):
     name = "vllm"
+    capabilities = _PlatformCapabilities()
 
     def __init__(self, context: EngineContext) -> None:
         super().__init__(context)
@@ -53,17 +76,6 @@ class VLLMEngine(InferenceEngine):
         from vllm.platforms import current_platform
 
         on_gpu = current_platform.is_cuda_alike()
-        self.capabilities = Capabilities(
-            in_memory_adapter_loading=vllm_lora.supported(),
-            runtime_adapter_loading=True,
-            sleep=on_gpu,
-            shares_trainer_weights=False,
-            multi_adapter_batch=True,
-            # vLLM applies an lm_head LoRA when it samples (LogitsProcessorWithLoRA, tied embeddings
-            # too), but not per request when it scores a batch's prompts: prompt logprobs are then
-            # computed by the trainer's model (_prompt_logprobs_by_trainer)
-            unembed_lora=True,
-        )
         self.max_loras = config.max_loras
         kwargs = {}
         if not on_gpu and not vllm_lora.install_cpu_ops():

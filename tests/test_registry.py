@@ -1,7 +1,9 @@
 """Engine lookup: built-ins, and third-party engines found through the ``colo.engines`` entry points."""
 
+import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +95,22 @@ def test_entry_point_that_is_not_an_engine_is_refused(installed_plugin):
 def test_unknown_engine_name():
     with pytest.raises(ConfigError, match="unknown engine"):
         engine_class("nope")
+
+
+@pytest.mark.parametrize("module", ["engines.base", "engines.registry", "engines.versions", "engines.vllm_engine",
+                                    "engines.pytorch_engine", "engines.http_engine"])
+def test_an_engine_module_imports_first_in_a_fresh_process(module):
+    # what a third-party engine's own tests do first; colo's package must not import the engines back
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_colo_engines_shows_every_builtin_engines_capabilities():
+    proc = subprocess.run([sys.executable, "-m", "colo.cli", "engines"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
+    for name in ("pytorch", "vllm", "vllm-http", "sglang", "mlx", "openai"):
+        assert lines[name].startswith("Capabilities("), (name, lines[name])
+    assert "unembed_lora=True" in lines["vllm"]
