@@ -79,7 +79,15 @@ class Config(BaseSettings):
         1, ge=0, le=2, description=("vLLM sleep level while training (CUDA): 0 pauses scheduling only; 1 offloads the weights "
                         "to CPU and drops the KV cache (the default: nothing to reload); 2 drops both, and "
                         "waking reloads the weights from disk (less host memory, slower wake)."))
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size.")
+    tensor_parallel_size: int = Field(1, ge=1, description=(
+        "vLLM tensor parallel size; under torchrun it must equal the number of processes (vLLM's ranks are "
+        "torchrun's)."))
+    vllm_engine_args: dict[str, Any] = Field(default_factory=dict, description=(
+        "More arguments for the vllm engine, a JSON object of `vllm.EngineArgs` fields: the tuning knobs, e.g. "
+        "`{\"kv_cache_dtype\": \"fp8\", \"max_num_seqs\": 128, \"enforce_eager\": true, "
+        "\"quantization\": \"fp8\", \"attention_backend\": \"FLASHINFER\"}`. They win over colo's "
+        "platform defaults (prefix caching on; on CPU, chunked prefill off). Unknown keys, and keys colo sets "
+        "itself (model, dtype, LoRA, memory share, sleep, seed), stop start-up with a message naming the key."))
     host: str = Field("127.0.0.1", description="HTTP service bind address.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP service port.")
     api_keys: str = Field("", description="Comma-separated `key:tenant` pairs for the HTTP service; empty: one open tenant.")
@@ -128,7 +136,8 @@ class Config(BaseSettings):
     @classmethod
     def field_docs(cls) -> list[tuple[str, str, str]]:
         """(variable, default, description) for every field: the README's reference is built from it."""
-        return [(ENV_PREFIX + name.upper(), repr(f.default), f.description or "") for name, f in cls.model_fields.items()]
+        return [(ENV_PREFIX + name.upper(), repr(f.get_default(call_default_factory=True)), f.description or "")
+                for name, f in cls.model_fields.items()]
 
     def api_key_tenants(self) -> dict[str, str]:
         pairs = [p.strip() for p in self.api_keys.split(",") if p.strip()]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from colo.errors import EngineError, InvalidRequestError
+from colo.errors import ConfigError, EngineError, InvalidRequestError
 from colo.types import LoraConfig, SampledSequence, SampleResult
 from engines import vllm_lora
 from engines.base import AdapterUpdate, Capabilities, EngineContext, InferenceEngine, SampleRequest
@@ -38,6 +38,50 @@ _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: 
 
 def _under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+# engine arguments colo sets itself, and the setting that controls each
+COLO_CONTROLS = {
+    "model": "COLO_MODEL", "tokenizer": "COLO_MODEL", "dtype": "COLO_DTYPE", "max_model_len": "COLO_MAX_MODEL_LEN",
+    "enable_lora": "(always on)", "max_loras": "COLO_MAX_LORAS", "max_lora_rank": "COLO_MAX_LORA_RANK",
+    "max_cpu_loras": "COLO_MAX_LORAS", "gpu_memory_utilization": "COLO_GPU_MEMORY_UTILIZATION",
+    "tensor_parallel_size": "COLO_TENSOR_PARALLEL_SIZE", "enable_sleep_mode": "COLO_SLEEP_LEVEL",
+    "logprobs_mode": "(raw logprobs, always)", "seed": "COLO_SEED", "distributed_executor_backend": "(torchrun)",
+}
+
+
+def check_settings(config, under_torchrun: bool, world_size: int) -> None:
+    """What vLLM would refuse late, or wait on forever, refused at start-up with one clear line."""
+    import dataclasses as dc
+    import typing
+
+    from vllm.config.lora import MaxLoRARanks
+    from vllm.engine.arg_utils import EngineArgs
+
+    ranks = typing.get_args(MaxLoRARanks)
+    if config.max_lora_rank not in ranks:
+        raise ConfigError(f"COLO_MAX_LORA_RANK={config.max_lora_rank}: the vllm engine sizes its LoRA slots to one "
+                          f"of {', '.join(map(str, ranks))}; allowed: one of those (adapters of any rank up to it work)")
+    if under_torchrun and config.tensor_parallel_size != world_size:
+        raise ConfigError(f"COLO_TENSOR_PARALLEL_SIZE={config.tensor_parallel_size}, but torchrun started {world_size} "
+                          f"process(es), and vLLM's ranks are torchrun's; allowed: {world_size}, or torchrun "
+                          f"--nproc_per_node={config.tensor_parallel_size}")
+    known = {f.name for f in dc.fields(EngineArgs)}
+    for key in config.vllm_engine_args:
+        if key in COLO_CONTROLS:
+            raise ConfigError(f"COLO_VLLM_ENGINE_ARGS: {key!r} is set by colo; allowed: {COLO_CONTROLS[key]} instead")
+        if key not in known:
+            raise ConfigError(f"COLO_VLLM_ENGINE_ARGS: {key!r} is not an argument of vLLM {_vllm_version()}'s engine; "
+                              "allowed: a field of vllm.engine.arg_utils.EngineArgs")
+
+
+def check_memory_share(share: float, free: int, total: int) -> None:
+    """vLLM takes ``share`` of the GPU's total memory, and it must be free now, beside the trainer's weights."""
+    if share * total > free:
+        fits = int(free / total * 100) / 100
+        raise ConfigError(f"COLO_GPU_MEMORY_UTILIZATION={share}: vLLM would take {share * total / 2**30:.1f} GiB and "
+                          f"{free / 2**30:.1f} GiB of {total / 2**30:.1f} GiB are free (the trainer holds the rest); "
+                          f"allowed: at most {fits}")
 
 
 class _PlatformCapabilities:
@@ -76,8 +120,12 @@ class VLLMEngine(InferenceEngine):
         from vllm.platforms import current_platform
 
         on_gpu = current_platform.is_cuda_alike()
+        check_settings(config, _under_torchrun(), int(os.environ.get("WORLD_SIZE", "1")))
+        if on_gpu:
+            free, total = torch.cuda.mem_get_info()
+            check_memory_share(config.gpu_memory_utilization, free, total)
         self.max_loras = config.max_loras
-        kwargs = {}
+        kwargs: dict = {"enable_prefix_caching": True}
         if not on_gpu and not vllm_lora.install_cpu_ops():
             log.warning("vLLM %s: colo's CPU LoRA ops are not installed (version not checked); LoRA sampling "
                         "is slow and base-model requests batched with %d adapters may get one applied",
@@ -104,9 +152,8 @@ class VLLMEngine(InferenceEngine):
             tensor_parallel_size=config.tensor_parallel_size,
             enable_sleep_mode=on_gpu,
             logprobs_mode="raw_logprobs",
-            enable_prefix_caching=True,
             seed=config.seed,
-            **kwargs,
+            **{**kwargs, **config.vllm_engine_args},  # the user's tuning wins over colo's platform defaults
         )
         self.lora_dtype: torch.dtype = self.llm.llm_engine.vllm_config.lora_config.lora_dtype
         self.sleep_level: int | None = None
@@ -291,7 +338,15 @@ class VLLMEngine(InferenceEngine):
     # ---- sleep ----------------------------------------------------------------------------------
 
     def sleep(self, level: int) -> None:
-        self.llm.sleep(level=level)
+        try:
+            self.llm.sleep(level=level)
+        except Exception as e:
+            # vLLM pauses its scheduler before it offloads: a sleep that fails midway would leave it paused
+            # while colo believes it awake. Wake it (whatever was released comes back) and say so.
+            log.exception("vLLM failed to sleep at level %d; waking it", level)
+            self.sleep_level = level
+            self.wake()
+            raise EngineError(f"the vllm engine failed to sleep ({type(e).__name__}: {e}); it was woken again") from e
         self.sleep_level = level
 
     def wake(self) -> None:

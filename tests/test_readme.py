@@ -35,7 +35,8 @@ OTHER_VALUES = {
     "COLO_SLEEP_LEVEL": ("2", 2), "COLO_TENSOR_PARALLEL_SIZE": ("2", 2), "COLO_HOST": ("0.0.0.0", "0.0.0.0"),
     "COLO_PORT": ("8123", 8123), "COLO_API_KEYS": ("k:t", "k:t"), "COLO_CHECKPOINT_DIR": ("/tmp/c", "/tmp/c"),
     "COLO_SEED": ("5", 5), "COLO_MAX_ADAPTERS": ("9", 9), "COLO_MAX_MODELS_PER_TENANT": ("3", 3),
-    "COLO_MAX_BODY_MIB": ("8", 8), "COLO_MAX_REQUEST_TOKENS": ("4096", 4096), "COLO_STALL_SECONDS": ("30", 30.0),
+    "COLO_MAX_BODY_MIB": ("8", 8), "COLO_MAX_REQUEST_TOKENS": ("4096", 4096),
+    "COLO_VLLM_ENGINE_ARGS": ('{"max_num_seqs": 8}', {"max_num_seqs": 8}), "COLO_STALL_SECONDS": ("30", 30.0),
 }
 
 

@@ -1,0 +1,67 @@
+"""Start-up checks of the vllm engine's settings: what vLLM would refuse late, or wait on forever, is refused
+before vLLM starts, with one line naming the setting and what is allowed."""
+
+import subprocess
+import sys
+
+import pytest
+
+from colo import Config, ConfigError
+from engines.vllm_engine import check_memory_share, check_settings
+
+
+@pytest.mark.parametrize("rank", [24, 2, 500])
+def test_a_lora_slot_rank_vllm_does_not_take_is_refused(rank):
+    with pytest.raises(ConfigError, match=rf"COLO_MAX_LORA_RANK={rank}: the vllm engine sizes its LoRA slots to one "
+                                          r"of 1, 8, 16, 32, 64, 128, 256, 320, 512"):
+        check_settings(Config(max_lora_rank=rank), under_torchrun=False, world_size=1)
+
+
+def test_the_ranks_vllm_takes_pass():
+    for rank in (8, 16, 32, 64):
+        check_settings(Config(max_lora_rank=rank), under_torchrun=False, world_size=1)
+
+
+def test_tensor_parallel_size_must_match_torchruns_processes():
+    with pytest.raises(ConfigError, match=r"COLO_TENSOR_PARALLEL_SIZE=2, but torchrun started 1 process\(es\).*"
+                                          r"allowed: 1, or torchrun --nproc_per_node=2"):
+        check_settings(Config(tensor_parallel_size=2), under_torchrun=True, world_size=1)
+    check_settings(Config(tensor_parallel_size=2), under_torchrun=True, world_size=2)
+
+
+@pytest.mark.parametrize("key, hint", [("max_lora_rank", "COLO_MAX_LORA_RANK"), ("dtype", "COLO_DTYPE"),
+                                       ("gpu_memory_utilization", "COLO_GPU_MEMORY_UTILIZATION"),
+                                       ("enable_sleep_mode", "COLO_SLEEP_LEVEL")])
+def test_engine_args_colo_sets_itself_are_refused(key, hint):
+    with pytest.raises(ConfigError, match=rf"COLO_VLLM_ENGINE_ARGS: '{key}' is set by colo; allowed: {hint} instead"):
+        check_settings(Config(vllm_engine_args={key: 1}), under_torchrun=False, world_size=1)
+
+
+def test_unknown_engine_args_are_refused_and_known_ones_pass():
+    with pytest.raises(ConfigError, match=r"COLO_VLLM_ENGINE_ARGS: 'max_num_seq' is not an argument of vLLM"):
+        check_settings(Config(vllm_engine_args={"max_num_seq": 8}), under_torchrun=False, world_size=1)
+    check_settings(Config(vllm_engine_args={"max_num_seqs": 8, "kv_cache_dtype": "auto", "enforce_eager": True}),
+                   under_torchrun=False, world_size=1)
+
+
+def test_a_memory_share_that_is_not_free_names_the_largest_that_fits():
+    gib = 2**30
+    with pytest.raises(ConfigError, match=r"COLO_GPU_MEMORY_UTILIZATION=0.9: vLLM would take 72.0 GiB and 30.0 GiB "
+                                          r"of 80.0 GiB are free .*allowed: at most 0.37"):
+        check_memory_share(0.9, free=30 * gib, total=80 * gib)
+    check_memory_share(0.37, free=30 * gib, total=80 * gib)
+
+
+def test_engine_args_must_be_a_json_object(monkeypatch):
+    monkeypatch.setenv("COLO_VLLM_ENGINE_ARGS", "[1, 2]")
+    with pytest.raises(ConfigError, match=r"COLO_VLLM_ENGINE_ARGS=.*valid dictionary"):
+        Config()
+
+
+def test_engine_args_reach_vllm(tiny_model_dir):
+    # in a process of its own: one vLLM engine per process
+    code = (f"from colo import Trainer; t = Trainer(model={str(tiny_model_dir)!r}, engine='vllm', dtype='float32', "
+            "vllm_engine_args={'max_num_seqs': 7}); "
+            "print('MAX_NUM_SEQS', t.engine.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "MAX_NUM_SEQS 7" in proc.stdout, proc.stderr[-3000:]
