@@ -248,3 +248,21 @@ def test_alpha_other_than_rank_survives_re_registration(vllm_trainer, make_vllm_
         assert max(gaps_of(vllm_trainer, adapter, prompts, results)) < TOLERANCE
         vllm_trainer.engine.sleep(1)
         vllm_trainer.engine.wake()  # empties vLLM's LoRA cache: the next sample registers again
+
+
+def test_the_vllm_internals_the_shim_relies_on_are_there():
+    # a vLLM upgrade that moves one of them fails here, not in a user's run
+    assert vllm_lora.assumption_failures() == []
+    assert vllm_lora.supported()
+
+
+def test_a_changed_vllm_signature_turns_the_shim_off(monkeypatch):
+    from vllm.lora.lora_weights import LoRALayerWeights
+
+    def reordered(self, module_name, lora_a, lora_b, rank, lora_alpha, scaling=None):  # what an upgrade might do
+        pass
+
+    monkeypatch.setattr(LoRALayerWeights, "__init__", reordered)
+    failures = vllm_lora.assumption_failures()
+    assert len(failures) == 1 and "LoRALayerWeights.__init__" in failures[0], failures
+    assert not vllm_lora.supported()
