@@ -1,4 +1,5 @@
-"""The ``colo`` command: prepare the default model, show the configuration, list engines, find the allocator."""
+"""The ``colo`` command: prepare the default model, show the configuration, list engines, find the allocator,
+check the install (``doctor``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("prepare-model", help="convert the default model into the model cache once; print its path")
     sub.add_parser("config", help="print the effective configuration (COLO_* and COLO_CONFIG applied)")
     sub.add_parser("engines", help="list the engines that COLO_ENGINE can name")
+    sub.add_parser("doctor", help="check this install with the configured model and engine: versions, fast "
+                   "paths, publish latency, sleep/wake cycles, sampler vs trainer logprobs")
     sub.add_parser("allocator", help="print the path of the mimalloc library to preload for CPU training "
                    "(LD_PRELOAD=$(colo allocator) python train.py)")
     args = parser.parse_args(argv)
@@ -44,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "config":
         for name, value in config.model_dump().items():
             print(f"COLO_{name.upper()}={value}")
+    elif args.command == "doctor":
+        from colo.doctor import run
+
+        return run(config)
     elif args.command == "engines":
         from engines.registry import engine_class, engine_names
 

@@ -1,5 +1,7 @@
 """The ``colo`` command."""
 
+import os
+import re
 import subprocess
 import sys
 
@@ -28,3 +30,18 @@ def test_the_preloaded_allocator_is_told_apart_from_glibc(capsys):
     seen = [subprocess.run([sys.executable, "-c", code], env={"LD_PRELOAD": preload}, capture_output=True,
                            text=True).stdout.strip() for preload in (path, "")]
     assert seen == ["mimalloc", "glibc malloc"]
+
+
+def test_colo_doctor_checks_the_install_and_says_all_passed(tiny_model_dir):
+    env = {**os.environ, "COLO_MODEL": str(tiny_model_dir), "COLO_DTYPE": "float32", "COLO_ENGINE": "vllm",
+           "COLO_MAX_LORA_RANK": "16"}
+    proc = subprocess.run([sys.executable, "-m", "colo.cli", "doctor"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    out = proc.stdout
+    assert proc.returncode == 0, (out + proc.stderr)[-3000:]
+    assert re.search(r"versions: torch \S+, transformers \S+, peft \S+, vllm 0\.32", out), out
+    assert "in-memory LoRA registration: on" in out
+    assert re.search(r"publish a new adapter version: [\d.]+ ms", out)
+    assert "sleep: not available" in out  # vLLM cannot sleep on CPU
+    assert re.search(r"ok +sampler vs trainer logprobs \(torch.float32\): mean gap [\d.e+-]+", out), out
+    assert out.rstrip().endswith("colo doctor: all checks passed")
