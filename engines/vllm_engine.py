@@ -180,10 +180,12 @@ class VLLMEngine(InferenceEngine):
         published = self.versions.add(update.key)
         self._weights[published.int_id] = tensors
         self._configs[published.int_id] = {**config, "lora_alpha": config["r"]}
-        if self.capabilities.in_memory_adapter_loading:
-            self._register(published)
-        else:
+        if not self.capabilities.in_memory_adapter_loading:
             self._write(published)
+        elif self.sleep_level is None:
+            self._register(published)
+        # asleep (optim_step sleeps the engine, then publishes): wake() empties vLLM's LoRA cache anyway,
+        # and the next sample registers what it names from colo's copy: one registration per version
 
     def release(self, adapter: str) -> None:
         self.versions.drop(adapter)

