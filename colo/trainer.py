@@ -227,13 +227,25 @@ class Trainer:
         """Sample through another engine from now on (say, after a server died); every adapter's newest
         version is published to it. ``overrides`` are config settings, e.g. ``engine_url``."""
         config = Config(**{**self.config.model_dump(), **overrides, "engine": engine})
-        new = create_engine(engine, EngineContext(config, self.model_path, self.policy, self.max_len))
-        old, self.engine, self.config = self.engine, new, config
-        self.sleep = SleepControl(new, config.sleep_level)
+        old = self.engine
+        # the old engine goes first: two vLLM engines cannot share a process (their parallel state and,
+        # on CUDA, the sleep allocator are process-wide)
         try:
             old.shutdown()
         except Exception as e:  # the old engine may be what failed; the Trainer does not depend on it
             log.warning("colo: shutting down engine %s failed: %s", old.name, e)
+        try:
+            new = create_engine(engine, EngineContext(config, self.model_path, self.policy, self.max_len))
+        except Exception:
+            log.error("colo: engine %s did not start; starting %s again", engine, old.name)
+            self.engine = create_engine(self.config.engine, EngineContext(self.config, self.model_path, self.policy,
+                                                                          self.max_len))
+            self.sleep = SleepControl(self.engine, self.config.sleep_level)
+            for state in self.adapters.values():
+                self._publish(state)
+            raise
+        self.engine, self.config = new, config
+        self.sleep = SleepControl(new, config.sleep_level)
         for state in self.adapters.values():
             self._publish(state)
 

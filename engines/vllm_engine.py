@@ -368,8 +368,22 @@ class VLLMEngine(InferenceEngine):
         self.sleep_level = None
 
     def shutdown(self) -> None:
+        """Release vLLM: its engine, its model-parallel groups (and the distributed state it created
+        itself), its cached GPU memory, so a new engine can start in this process."""
+        import gc
+
+        from vllm.distributed import parallel_state
+
         shutil.rmtree(self._dir, ignore_errors=True)
+        if self.llm is None:
+            return
         self.llm = None
+        gc.collect()
+        parallel_state.destroy_model_parallel()
+        if not _under_torchrun():  # under torchrun the process group is the launcher's, not vLLM's
+            parallel_state.destroy_distributed_environment()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _by_adapter_slots(requests: list[SampleRequest], slots: int) -> list[list[SampleRequest]]:

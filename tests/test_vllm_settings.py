@@ -65,3 +65,28 @@ def test_engine_args_reach_vllm(tiny_model_dir):
             "print('MAX_NUM_SEQS', t.engine.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert "MAX_NUM_SEQS 7" in proc.stdout, proc.stderr[-3000:]
+
+
+SWITCH = """
+from colo import ConfigError, SamplingParams, Trainer
+t = Trainer(model={model!r}, engine="vllm", dtype="float32", max_lora_rank=16)
+a = t.create_lora(rank=8, seed=1)
+greedy = SamplingParams(max_tokens=4, temperature=0)
+first = t.sample(a, [[5, 6, 7]], 1, greedy)[0].sequences[0].tokens
+t.set_engine("vllm")  # a second vLLM engine in this process, after the first is released
+assert t.sample(a, [[5, 6, 7]], 1, greedy)[0].sequences[0].tokens == first
+try:
+    t.set_engine("vllm", max_lora_rank=24)  # refused at start-up: the previous engine comes back
+except ConfigError as e:
+    print("REFUSED", e)
+assert t.engine.name == "vllm" and t.config.max_lora_rank == 16
+assert t.sample(a, [[5, 6, 7]], 1, greedy)[0].sequences[0].tokens == first
+print("SWITCHED")
+"""
+
+
+def test_a_new_vllm_engine_starts_in_the_same_process_and_a_failed_switch_keeps_the_old(tiny_model_dir):
+    proc = subprocess.run([sys.executable, "-c", SWITCH.format(model=str(tiny_model_dir))], capture_output=True,
+                          text=True, timeout=300)
+    assert "SWITCHED" in proc.stdout, proc.stderr[-3000:]
+    assert "REFUSED COLO_MAX_LORA_RANK=24" in proc.stdout
