@@ -1,7 +1,7 @@
 """The Tinker API over HTTP, so the official ``tinker`` SDK trains and samples on this machine.
 
 ``create_app`` puts the routes together (``routes_session``, ``routes_training``, ``routes_sampling``,
-``routes_runs``) over one ``Service``, runs the housekeeping timer (silent sessions reaped, expired
+``routes_runs``, and the OpenAI-compatible ``routes_openai``) over one ``Service``, runs the housekeeping timer (silent sessions reaped, expired
 checkpoints deleted), and on shutdown lets the running job finish, answers the queued ones and
 releases the engine.
 """
@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
-from colo.service import routes_runs, routes_sampling, routes_session, routes_training
+from colo.service import routes_openai, routes_runs, routes_sampling, routes_session, routes_training
 from colo.service.http import HTTPError, Requests, add_error_handlers
 from colo.service.server import Service
 
@@ -48,7 +48,7 @@ def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="colo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     add_error_handlers(app)
     rq = Requests(service.tenants, service.trainer.config.max_body_mib << 20)
-    for group in (routes_session, routes_training, routes_sampling, routes_runs):
+    for group in (routes_session, routes_training, routes_sampling, routes_runs, routes_openai):
         app.include_router(group.routes(service, rq))
 
     served = sorted({f"{m} {r.path}" for r in app.routes for m in getattr(r, "methods", ()) if m != "HEAD"})
