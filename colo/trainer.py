@@ -27,7 +27,7 @@ from colo.types import (AdamParams, Datum, ForwardBackwardOutput, LoraConfig, Op
                         SampleResult, SamplingParams)
 from colo.validation import (MAX_SEED, as_tokens, check_adam, check_context, check_data, check_loss, check_sampling,
                              check_tokens)
-from engines.base import AdapterUpdate, AdapterVersion, EngineContext, SampleRequest
+from engines.base import AdapterUpdate, AdapterVersion, EngineContext, EngineSettings, SampleRequest
 from engines.registry import create_engine
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class Trainer:
         self.max_len = min(config.max_model_len, self.policy.max_positions)
         self.adapters: dict[str, Adapter] = {}
         self._ids = itertools.count(1)
-        self.engine = create_engine(config.engine, EngineContext(config, self.model_path, self.policy, self.max_len))
+        self.engine = create_engine(config.engine, self._engine_context(config))
         self.sleep = SleepControl(self.engine, config.sleep_level)
         log.info("colo: model %s on %s (%s), engine %s", self.model_path, device, self.policy.dtype, self.engine.name)
         if device.type == "cpu" and allocator.preloaded() == "glibc malloc":
@@ -235,11 +235,10 @@ class Trainer:
         except Exception as e:  # the old engine may be what failed; the Trainer does not depend on it
             log.warning("colo: shutting down engine %s failed: %s", old.name, e)
         try:
-            new = create_engine(engine, EngineContext(config, self.model_path, self.policy, self.max_len))
+            new = create_engine(engine, self._engine_context(config))
         except Exception:
             log.error("colo: engine %s did not start; starting %s again", engine, old.name)
-            self.engine = create_engine(self.config.engine, EngineContext(self.config, self.model_path, self.policy,
-                                                                          self.max_len))
+            self.engine = create_engine(self.config.engine, self._engine_context(self.config))
             self.sleep = SleepControl(self.engine, self.config.sleep_level)
             for state in self.adapters.values():
                 self._publish(state)
@@ -248,6 +247,9 @@ class Trainer:
         self.sleep = SleepControl(new, config.sleep_level)
         for state in self.adapters.values():
             self._publish(state)
+
+    def _engine_context(self, config: Config) -> EngineContext:
+        return EngineContext(EngineSettings.of(config), self.model_path, self.policy, self.max_len)
 
     def close(self) -> None:
         self.engine.shutdown()

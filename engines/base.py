@@ -8,7 +8,7 @@ never guessed by the caller; sleep/wake is the Trainer's to call.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -16,7 +16,6 @@ import torch
 from colo.types import SampleResult, SamplingParams
 
 if TYPE_CHECKING:
-    from colo.config import Config
     from colo.model import PolicyModel
 
 
@@ -58,11 +57,33 @@ class SampleRequest:
     prompt_logprobs: bool = False  # also return the logprob of each prompt token (the first has none)
 
 
+@dataclass(frozen=True)
+class EngineSettings:
+    """The settings an engine may read: its own, not the whole configuration (API keys, paths of the service)."""
+
+    engine_url: str | None = None
+    engine_adapter_dir: str | None = None
+    engine_timeout_seconds: float = 300.0
+    max_loras: int = 4
+    max_lora_rank: int = 32
+    gpu_memory_utilization: float = 0.3
+    cpu_kvcache_space_gib: int = 1
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    vllm_engine_args: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, config) -> EngineSettings:
+        """The engine's share of ``config`` (a ``colo.Config``, or anything with these attributes)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+
 @dataclass
 class EngineContext:
-    """What an engine is built from. ``policy`` is the trainer's model (engines that share weights use it)."""
+    """What an engine is built from. ``policy`` is the trainer's model: the pytorch engine samples from it,
+    the vllm engine takes its dtype and scores prompts with it when vLLM cannot."""
 
-    config: Config
+    settings: EngineSettings
     model_path: str
     policy: PolicyModel
     max_model_len: int  # the configured length, cut to the model's positions

@@ -36,7 +36,7 @@ class HTTPEngine(InferenceEngine):
 
     def __init__(self, context: EngineContext) -> None:
         super().__init__(context)
-        config = context.config
+        config = context.settings
         if not config.engine_url:
             raise ConfigError(f"COLO_ENGINE={self.name} needs COLO_ENGINE_URL, the server's address, e.g. "
                               f"http://127.0.0.1:8000 for a server started with: {self.start_command}")

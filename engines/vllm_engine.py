@@ -112,7 +112,7 @@ class VLLMEngine(InferenceEngine):
 
     def __init__(self, context: EngineContext) -> None:
         super().__init__(context)
-        config = context.config
+        config = context.settings
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kvcache_space_gib))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # leave thread placement to torch

@@ -114,3 +114,13 @@ def test_colo_engines_shows_every_builtin_engines_capabilities():
     for name in ("pytorch", "vllm", "vllm-http", "sglang", "mlx", "openai"):
         assert lines[name].startswith("Capabilities("), (name, lines[name])
     assert "unembed_lora=True" in lines["vllm"]
+
+
+def test_an_engine_gets_its_own_settings_not_the_whole_configuration(trainer):
+    from colo import Config
+    from engines.base import EngineSettings
+
+    settings = EngineSettings.of(Config(api_keys="tml-secret:t", max_loras=6))
+    assert settings.max_loras == 6
+    assert not hasattr(settings, "api_keys") and not hasattr(settings, "checkpoint_dir")
+    assert isinstance(trainer.engine.context.settings, EngineSettings)
