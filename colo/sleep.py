@@ -10,6 +10,8 @@ from engines.base import InferenceEngine
 
 log = logging.getLogger(__name__)
 
+CREEP_WARN_BYTES = 256 << 20
+
 
 def device_free_bytes() -> int | None:
     if torch.cuda.is_available():
@@ -23,6 +25,7 @@ class SleepControl:
         self.level = level
         self.asleep = False
         self._said_unsupported = False
+        self.free_after_first_wake: int | None = None
 
     def before_training(self) -> int | None:
         """Put the engine to sleep if it is awake and can; the bytes this sleep freed, if measured."""
@@ -35,16 +38,26 @@ class SleepControl:
                 self._said_unsupported = True
             return None
         free_before = device_free_bytes()
-        self.engine.sleep(self.level)
+        released = self.engine.sleep(self.level)
         free_after = device_free_bytes()
         self.asleep = True
-        if free_before is None or free_after is None:
-            return None
-        reclaimed = free_after - free_before
-        log.info("engine %r asleep (level %d): %.1f MiB reclaimed", self.engine.name, self.level, reclaimed / 2**20)
-        return reclaimed
+        if released is None:  # the engine cannot count: the change in free memory, which may include others'
+            if free_before is None or free_after is None:
+                return None
+            released = free_after - free_before
+        log.info("engine %r asleep (level %d): %.1f MiB reclaimed", self.engine.name, self.level, released / 2**20)
+        return released
 
     def before_sampling(self) -> None:
         if self.asleep:
             self.engine.wake()
             self.asleep = False
+            free = device_free_bytes()
+            if free is not None:
+                # memory not given back across cycles: free memory after each wake should not shrink
+                if self.free_after_first_wake is None:
+                    self.free_after_first_wake = free
+                elif self.free_after_first_wake - free > CREEP_WARN_BYTES:
+                    log.warning("engine %r: %.0f MiB less free after this wake than after the first: memory is not "
+                                "given back across sleep cycles", self.engine.name,
+                                (self.free_after_first_wake - free) / 2**20)

@@ -112,8 +112,9 @@ class InferenceEngine(ABC):
     def sample(self, requests: list[SampleRequest]) -> list[SampleResult]:
         """One result per request, in order. Requests are already validated by the Trainer."""
 
-    def sleep(self, level: int) -> None:
-        """Release memory while training runs (engines with ``capabilities.sleep``)."""
+    def sleep(self, level: int) -> int | None:
+        """Release memory while training runs (engines with ``capabilities.sleep``); the bytes released,
+        as the engine's allocator counts them, or None if it cannot say."""
 
     def wake(self) -> None:
         """Undo ``sleep`` before sampling."""

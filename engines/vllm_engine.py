@@ -339,7 +339,11 @@ class VLLMEngine(InferenceEngine):
 
     # ---- sleep ----------------------------------------------------------------------------------
 
-    def sleep(self, level: int) -> None:
+    def sleep(self, level: int) -> int | None:
+        """Sleep at ``level``; the bytes vLLM's allocator released (what it backed up to the host or
+        dropped), not a change in free memory: vLLM's sleep also empties torch's cache, which holds the
+        trainer's blocks too."""
+        awake_before = _allocator_awake_bytes()
         try:
             self.llm.sleep(level=level)
         except Exception as e:
@@ -350,6 +354,8 @@ class VLLMEngine(InferenceEngine):
             self.wake()
             raise EngineError(f"the vllm engine failed to sleep ({type(e).__name__}: {e}); it was woken again") from e
         self.sleep_level = level
+        awake_after = _allocator_awake_bytes()
+        return None if awake_before is None or awake_after is None else awake_before - awake_after
 
     def wake(self) -> None:
         if self.sleep_level == 2:
@@ -384,6 +390,18 @@ class VLLMEngine(InferenceEngine):
             parallel_state.destroy_distributed_environment()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _allocator_awake_bytes() -> int | None:
+    """Bytes vLLM's sleep-mode allocator holds on the GPU now; None where it is not in use (CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from vllm.device_allocator.cumem import CuMemAllocator
+    except ImportError:
+        return None
+    allocator = CuMemAllocator.get_instance()
+    return sum(d.handle[1] for d in allocator.pointer_to_data.values() if not d.is_asleep)
 
 
 def _by_adapter_slots(requests: list[SampleRequest], slots: int) -> list[list[SampleRequest]]:
