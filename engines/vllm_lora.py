@@ -140,11 +140,20 @@ def _build(manager, lora_int_id: int, tensors: dict[str, torch.Tensor], peft_con
         weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
         skip_prefixes=getattr(model, "lora_skip_prefixes", None),
     )
-    by_tensor = {id(t): k for k, t in tensors.items()}
-    layout = [(name, by_tensor.get(id(w.lora_a)), by_tensor.get(id(w.lora_b)), w.rank, w.lora_alpha, w.scaling)
+    # which tensor went to which module, by vLLM's own name parsing (not by tensor identity: on CUDA vLLM
+    # copies the tensors into pinned memory)
+    from vllm.lora.utils import parse_fine_tuned_lora_name
+
+    rename = mapper.get_rename_mapper() if mapper is not None else None
+    keys: dict[str, dict[bool, str]] = {}
+    for k in tensors:
+        module, is_a = parse_fine_tuned_lora_name(k, rename)
+        keys.setdefault(module, {})[is_a] = k
+    layout = [(name, keys.get(name, {}).get(True), keys.get(name, {}).get(False), w.rank, w.lora_alpha, w.scaling)
               for name, w in lora.loras.items()]
-    # a layout is kept only when vLLM used colo's tensors as they were (no copy, no extra modules)
-    if not lora.modules_to_save and all(a and b for _, a, b, *_ in layout):
+    # kept only when every module took exactly one A and one B of colo's tensors, and nothing else
+    if not lora.modules_to_save and all(a and b for _, a, b, *_ in layout) and \
+            sum(len(v) for v in keys.values()) == 2 * len(layout):
         _layouts[key] = layout
     return lora
 

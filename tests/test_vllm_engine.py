@@ -289,3 +289,20 @@ def test_a_changed_vllm_signature_turns_the_shim_off(monkeypatch):
     failures = vllm_lora.assumption_failures()
     assert len(failures) == 1 and "LoRALayerWeights.__init__" in failures[0], failures
     assert not vllm_lora.supported()
+
+
+def test_the_layout_cache_holds_when_vllm_copies_the_tensors(vllm_trainer, make_vllm_adapter, monkeypatch):
+    # on CUDA, from_lora_tensors copies every tensor into pinned memory; here the copy is made the same way
+    from vllm.lora.lora_model import LoRAModel
+
+    real = LoRAModel.from_lora_tensors.__func__
+    monkeypatch.setattr(LoRAModel, "from_lora_tensors", classmethod(
+        lambda cls, **kw: real(cls, **{**kw, "tensors": {k: v.clone() for k, v in kw["tensors"].items()}})))
+    monkeypatch.setattr(vllm_lora, "_layouts", {})
+    adapter = make_vllm_adapter(rank=4, seed=31, train_mlp=False)
+    prompt = encode(vllm_trainer, PROMPTS[1])
+    for step in range(2):
+        overfit(vllm_trainer, adapter, encode(vllm_trainer, SEQ_B), steps=1, lr=5e-2)
+        result = vllm_trainer.sample(adapter, [prompt], 1, SamplingParams(max_tokens=5, seed=step))[0]
+        assert max(gaps_of(vllm_trainer, adapter, [prompt], [result])) < TOLERANCE
+    assert len(vllm_lora._layouts) == 1  # built once by vLLM's parser, then reused
