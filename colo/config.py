@@ -82,12 +82,30 @@ class Config(BaseSettings):
     tensor_parallel_size: int = Field(1, ge=1, description=(
         "vLLM tensor parallel size; under torchrun it must equal the number of processes (vLLM's ranks are "
         "torchrun's)."))
+    vllm_kv_cache_dtype: str = Field("auto", description=(
+        "vllm engine: KV cache dtype (`auto`: the model's; `fp8` halves its memory on GPUs that have it)."))
+    vllm_prefix_caching: bool = Field(True, description=(
+        "vllm engine: reuse the KV cache of shared prompt prefixes (keyed by adapter version, never stale)."))
+    vllm_max_num_seqs: int | None = Field(None, ge=1, description=(
+        "vllm engine: most sequences in one scheduler step (None: vLLM's default)."))
+    vllm_max_num_batched_tokens: int | None = Field(None, ge=1, description=(
+        "vllm engine: most tokens in one scheduler step (None: vLLM's default; on CPU colo schedules whole "
+        "prompts, at least 4096)."))
+    vllm_enforce_eager: bool = Field(False, description=(
+        "vllm engine: no CUDA graphs (slower decoding, faster start-up, less memory)."))
+    vllm_quantization: str | None = Field(None, description=(
+        "vllm engine: quantization of the sampler's base weights (e.g. `fp8`); the trainer's stay as loaded, "
+        "so sampler and trainer logprobs then differ by the quantization error."))
+    vllm_attention_backend: str | None = Field(None, description=(
+        "vllm engine: attention backend name (e.g. `FLASH_ATTN`, `FLASHINFER`; None: vLLM chooses)."))
     vllm_engine_args: dict[str, Any] = Field(default_factory=dict, description=(
         "More arguments for the vllm engine, a JSON object of `vllm.EngineArgs` fields: the tuning knobs, e.g. "
         "`{\"kv_cache_dtype\": \"fp8\", \"max_num_seqs\": 128, \"enforce_eager\": true, "
         "\"quantization\": \"fp8\", \"attention_backend\": \"FLASHINFER\"}`. They win over colo's "
-        "platform defaults (prefix caching on; on CPU, chunked prefill off). Unknown keys, and keys colo sets "
-        "itself (model, dtype, LoRA, memory share, sleep, seed), stop start-up with a message naming the key."))
+        "platform defaults; a key also given by a COLO_VLLM_* setting changed from its default is refused. "
+        "Unknown keys, and "
+        "keys colo sets itself (model, dtype, LoRA, memory share, sleep, seed), stop start-up with a message "
+        "naming the key."))
     host: str = Field("127.0.0.1", description="HTTP service bind address.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP service port.")
     api_keys: str = Field("", description="Comma-separated `key:tenant` pairs for the HTTP service; empty: one open tenant.")

@@ -70,6 +70,13 @@ class EngineSettings:
     cpu_kvcache_space_gib: int = 1
     tensor_parallel_size: int = 1
     seed: int = 0
+    vllm_kv_cache_dtype: str = "auto"
+    vllm_prefix_caching: bool = True
+    vllm_max_num_seqs: int | None = None
+    vllm_max_num_batched_tokens: int | None = None
+    vllm_enforce_eager: bool = False
+    vllm_quantization: str | None = None
+    vllm_attention_backend: str | None = None
     vllm_engine_args: dict = field(default_factory=dict)
 
     @classmethod

@@ -28,7 +28,7 @@ import torch
 from colo.errors import ConfigError, EngineError, InvalidRequestError
 from colo.types import LoraConfig, SampledSequence, SampleResult
 from engines import vllm_lora
-from engines.base import AdapterUpdate, Capabilities, EngineContext, InferenceEngine, SampleRequest
+from engines.base import AdapterUpdate, Capabilities, EngineContext, EngineSettings, InferenceEngine, SampleRequest
 from engines.versions import Published, VersionTable
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,19 @@ COLO_CONTROLS = {
 }
 
 
+# vLLM engine arguments that have a COLO_VLLM_* setting: argument -> setting (without the prefix)
+KNOB_SETTINGS = {"kv_cache_dtype": "kv_cache_dtype", "enable_prefix_caching": "prefix_caching",
+                 "max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens",
+                 "enforce_eager": "enforce_eager", "quantization": "quantization",
+                 "attention_backend": "attention_backend"}
+KNOB_DEFAULTS = {arg: EngineSettings.__dataclass_fields__[f"vllm_{name}"].default for arg, name in KNOB_SETTINGS.items()}
+
+
+def knobs(config) -> dict:
+    """The vLLM engine arguments the COLO_VLLM_* settings give."""
+    return {arg: getattr(config, f"vllm_{name}") for arg, name in KNOB_SETTINGS.items()}
+
+
 def check_settings(config, under_torchrun: bool, world_size: int) -> None:
     """What vLLM would refuse late, or wait on forever, refused at start-up with one clear line."""
     import dataclasses as dc
@@ -67,7 +80,11 @@ def check_settings(config, under_torchrun: bool, world_size: int) -> None:
                           f"process(es), and vLLM's ranks are torchrun's; allowed: {world_size}, or torchrun "
                           f"--nproc_per_node={config.tensor_parallel_size}")
     known = {f.name for f in dc.fields(EngineArgs)}
+    changed = {k for k, v in knobs(config).items() if v != KNOB_DEFAULTS[k]}
     for key in config.vllm_engine_args:
+        if key in changed:
+            raise ConfigError(f"COLO_VLLM_ENGINE_ARGS: {key!r} is also set by COLO_VLLM_{KNOB_SETTINGS[key].upper()}; "
+                              "allowed: one of the two")
         if key in COLO_CONTROLS:
             raise ConfigError(f"COLO_VLLM_ENGINE_ARGS: {key!r} is set by colo; allowed: {COLO_CONTROLS[key]} instead")
         if key not in known:
@@ -125,7 +142,7 @@ class VLLMEngine(InferenceEngine):
             free, total = torch.cuda.mem_get_info()
             check_memory_share(config.gpu_memory_utilization, free, total)
         self.max_loras = config.max_loras
-        kwargs: dict = {"enable_prefix_caching": True}
+        kwargs: dict = {}
         if not on_gpu and not vllm_lora.install_cpu_ops():
             log.warning("vLLM %s: colo's CPU LoRA ops are not installed (version not checked); LoRA sampling "
                         "is slow and base-model requests batched with %d adapters may get one applied",
@@ -138,6 +155,7 @@ class VLLMEngine(InferenceEngine):
             kwargs["max_num_batched_tokens"] = max(context.max_model_len, 4096)
         if _under_torchrun():
             kwargs["distributed_executor_backend"] = "external_launcher"
+        kwargs.update({k: v for k, v in knobs(config).items() if v is not None})
         self.llm = LLM(
             model=context.model_path,
             tokenizer=context.model_path,

@@ -36,7 +36,11 @@ OTHER_VALUES = {
     "COLO_PORT": ("8123", 8123), "COLO_API_KEYS": ("k:t", "k:t"), "COLO_CHECKPOINT_DIR": ("/tmp/c", "/tmp/c"),
     "COLO_SEED": ("5", 5), "COLO_MAX_ADAPTERS": ("9", 9), "COLO_MAX_MODELS_PER_TENANT": ("3", 3),
     "COLO_MAX_BODY_MIB": ("8", 8), "COLO_MAX_REQUEST_TOKENS": ("4096", 4096),
-    "COLO_VLLM_ENGINE_ARGS": ('{"max_num_seqs": 8}', {"max_num_seqs": 8}), "COLO_STALL_SECONDS": ("30", 30.0),
+    "COLO_VLLM_ENGINE_ARGS": ('{"max_num_seqs": 8}', {"max_num_seqs": 8}),
+    "COLO_VLLM_KV_CACHE_DTYPE": ("fp8", "fp8"), "COLO_VLLM_PREFIX_CACHING": ("false", False),
+    "COLO_VLLM_MAX_NUM_SEQS": ("64", 64), "COLO_VLLM_MAX_NUM_BATCHED_TOKENS": ("8192", 8192),
+    "COLO_VLLM_ENFORCE_EAGER": ("true", True), "COLO_VLLM_QUANTIZATION": ("fp8", "fp8"),
+    "COLO_VLLM_ATTENTION_BACKEND": ("FLASH_ATTN", "FLASH_ATTN"), "COLO_STALL_SECONDS": ("30", 30.0),
 }
 
 

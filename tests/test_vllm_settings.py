@@ -61,10 +61,11 @@ def test_engine_args_must_be_a_json_object(monkeypatch):
 def test_engine_args_reach_vllm(tiny_model_dir):
     # in a process of its own: one vLLM engine per process
     code = (f"from colo import Trainer; t = Trainer(model={str(tiny_model_dir)!r}, engine='vllm', dtype='float32', "
-            "vllm_engine_args={'max_num_seqs': 7}); "
-            "print('MAX_NUM_SEQS', t.engine.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)")
+            "vllm_engine_args={'max_num_seqs': 7}, vllm_prefix_caching=False); "
+            "c = t.engine.llm.llm_engine.vllm_config; "
+            "print('MAX_NUM_SEQS', c.scheduler_config.max_num_seqs, 'PREFIX', c.cache_config.enable_prefix_caching)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert "MAX_NUM_SEQS 7" in proc.stdout, proc.stderr[-3000:]
+    assert "MAX_NUM_SEQS 7 PREFIX False" in proc.stdout, proc.stderr[-3000:]
 
 
 SWITCH = """
@@ -90,3 +91,10 @@ def test_a_new_vllm_engine_starts_in_the_same_process_and_a_failed_switch_keeps_
                           text=True, timeout=300)
     assert "SWITCHED" in proc.stdout, proc.stderr[-3000:]
     assert "REFUSED COLO_MAX_LORA_RANK=24" in proc.stdout
+
+
+def test_a_knob_set_both_as_a_setting_and_in_engine_args_is_refused():
+    with pytest.raises(ConfigError, match=r"'max_num_seqs' is also set by COLO_VLLM_MAX_NUM_SEQS"):
+        check_settings(Config(vllm_max_num_seqs=4, vllm_engine_args={"max_num_seqs": 8}), under_torchrun=False,
+                       world_size=1)
+    check_settings(Config(vllm_engine_args={"max_num_seqs": 8}), under_torchrun=False, world_size=1)
