@@ -250,6 +250,8 @@ def test_hostile_requests_fail_alone_while_another_tenant_works(service, tokens)
     np.testing.assert_array_equal(before, after)
     health = httpx.get(service.url + "/api/v1/healthz").json()
     assert health["status"] == "ok", health
+    log = service.tail(10**6)
+    assert "Exception in ASGI application" not in log and "unexpected error" not in log  # all were expected
 
 
 def test_prompt_logprobs_with_more_samples_than_prompt_tokens_over_the_sdk(service, tokens):

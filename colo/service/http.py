@@ -29,20 +29,24 @@ class HTTPError(Exception):
         self.status = status
 
 
+def status_of(e: Exception) -> int | None:
+    """The HTTP status of an error a route raises; None for an unexpected one (500)."""
+    if isinstance(e, HTTPError):
+        return e.status
+    for kind, status in ((NotFound, 404), (Gone, 410), (EngineError, 503), (ColoError, 400)):
+        if isinstance(e, kind):
+            return status
+    return None
+
+
 def add_error_handlers(app: FastAPI) -> None:
-    def answer(status: int):
-        async def handler(request: Request, e: Exception):
-            return JSONResponse({"detail": str(e)}, status_code=status)
-        return handler
+    async def answer(request: Request, e: Exception):
+        return JSONResponse({"detail": str(e)}, status_code=status_of(e))
 
-    @app.exception_handler(HTTPError)
-    async def _http_error(request: Request, e: HTTPError):
-        return JSONResponse({"detail": str(e)}, status_code=e.status)
-
-    app.add_exception_handler(NotFound, answer(404))
-    app.add_exception_handler(Gone, answer(410))
-    app.add_exception_handler(EngineError, answer(503))  # the worker is stopping
-    app.add_exception_handler(ColoError, answer(400))
+    # handlers of these classes answer and are done; one for Exception runs in Starlette's outermost
+    # middleware, which logs the exception again as unhandled: only the unexpected go there
+    app.add_exception_handler(HTTPError, answer)
+    app.add_exception_handler(ColoError, answer)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):
@@ -56,9 +60,13 @@ class Requests:
         self.max_body_bytes = max_body_bytes
 
     def tenant_of(self, request: Request) -> str:
-        tenant = self.tenants.tenant_of(request.headers.get("x-api-key"))
+        """The caller's tenant, from ``X-API-Key`` (the Tinker SDK) or ``Authorization: Bearer`` (OpenAI clients)."""
+        auth = request.headers.get("authorization", "")
+        key = request.headers.get("x-api-key") or (auth[7:] if auth.lower().startswith("bearer ") else None)
+        tenant = self.tenants.tenant_of(key)
         if tenant is None:
-            raise HTTPError(401, "missing or unknown API key (X-API-Key); allowed: a key from COLO_API_KEYS")
+            raise HTTPError(401, "missing or unknown API key (X-API-Key, or Authorization: Bearer); allowed: a key "
+                                 "from COLO_API_KEYS")
         return tenant
 
     async def body(self, request: Request, limit: int | None = None) -> bytes:

@@ -25,10 +25,9 @@ import pydantic
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from colo.errors import ColoError, EngineError
-from colo.service.http import HTTPError, Requests
+from colo.service.http import HTTPError, Requests, status_of
 from colo.service.server import Service
-from colo.service.state import Gone, NotFound, Sampler
+from colo.service.state import NotFound, Sampler
 from colo.trainer import Trainer
 from colo.types import SampleJob, SampleResult, SamplingParams
 
@@ -79,16 +78,11 @@ def openai_errors(route):
     async def wrapped(*args, **kwargs):
         try:
             return await route(*args, **kwargs)
-        except HTTPError as e:
-            return _error(e.status, str(e))
-        except NotFound as e:
-            return _error(404, str(e))
-        except Gone as e:
-            return _error(410, str(e))
-        except EngineError as e:
-            return _error(503, str(e))
-        except ColoError as e:
-            return _error(400, str(e))
+        except Exception as e:
+            status = status_of(e)
+            if status is None:
+                raise
+            return _error(status, str(e))
     return wrapped
 
 
@@ -96,29 +90,11 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
     r = APIRouter()
     tokenizer = svc.trainer.tokenizer
 
-    def tenant_of(request: Request) -> str:
-        auth = request.headers.get("authorization", "")
-        key = request.headers.get("x-api-key") or (auth[7:] if auth.lower().startswith("bearer ") else None)
-        tenant = svc.tenants.tenant_of(key)
-        if tenant is None:
-            raise HTTPError(401, "missing or unknown API key (Authorization: Bearer, or X-API-Key); allowed: a key "
-                                 "from COLO_API_KEYS")
-        return tenant
-
-    async def parse(request: Request, model: type[pydantic.BaseModel]):
-        body = await rq.body(request)
-        try:
-            return model.model_validate_json(body or b"{}")
-        except pydantic.ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(x) for x in err["loc"]) or "body"
-            raise HTTPError(400, f"{where}: {err['msg']}") from None
-
     def sampler_of(tenant: str, name: str) -> Sampler:
         if name in svc.base_names:
             return Sampler(tenant, f"openai-base:{tenant}")
         if name.startswith("tinker://"):
-            model_id, kind, _, file = svc.checkpoints.parse(tenant, name)
+            _, kind, _, file = svc.checkpoints.parse(tenant, name)
             if kind != "sampler_weights" or not file.is_file():
                 raise NotFound(f"model {name!r}: no saved sampler weights at that path for this tenant")
             saved_model, version = svc.state.saved_version(file)
@@ -163,7 +139,7 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
     @r.get("/v1/models")
     @openai_errors
     async def models(request: Request):
-        tenant = tenant_of(request)
+        tenant = rq.tenant_of(request)
         now = int(time.time())
         ids = [svc.model_name] + svc.state.model_ids(tenant)
         ids += [f"tinker://{c.model_id}/{c.kind}/{c.name}" for m in svc.checkpoints.models_on_disk(tenant)
@@ -174,8 +150,8 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
     @r.post("/v1/completions")
     @openai_errors
     async def completions(request: Request):
-        tenant = tenant_of(request)
-        req = await parse(request, CompletionRequest)
+        tenant = rq.tenant_of(request)
+        req = await rq.parse(request, CompletionRequest)
         if req.logprobs is not None and not 0 <= req.logprobs <= 1:
             raise HTTPError(400, f"logprobs={req.logprobs}; allowed: 0 or 1 (colo reports the sampled token's own)")
         if req.echo:
@@ -204,8 +180,8 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
     @r.post("/v1/chat/completions")
     @openai_errors
     async def chat_completions(request: Request):
-        tenant = tenant_of(request)
-        req = await parse(request, ChatRequest)
+        tenant = rq.tenant_of(request)
+        req = await rq.parse(request, ChatRequest)
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 1:
             raise HTTPError(400, f"top_logprobs={req.top_logprobs}; allowed: 0 or 1 (the sampled token's own)")
         if not getattr(tokenizer, "chat_template", None):
