@@ -25,13 +25,18 @@ class FakeCudaSleepRecorder:
         self.free -= 512 << 20
 
 
-def test_engine_sleeps_for_training_wakes_for_sampling_and_reports_reclaimed_bytes(trainer, adapter, monkeypatch, caplog):
-    fake = FakeCudaSleepRecorder()
+def with_fake_cuda(trainer, monkeypatch, fake):
+    """The Trainer's engine declares sleep and sleeps through ``fake``; free memory is the fake's reading."""
     engine = trainer.engine
     monkeypatch.setattr(engine, "capabilities", dataclasses.replace(engine.capabilities, sleep=True))
     monkeypatch.setattr(engine, "sleep", fake.sleep)
     monkeypatch.setattr(engine, "wake", fake.wake)
     monkeypatch.setattr(colo.sleep, "device_free_bytes", lambda: fake.free)
+    return fake
+
+
+def test_engine_sleeps_for_training_wakes_for_sampling_and_reports_reclaimed_bytes(trainer, adapter, monkeypatch, caplog):
+    fake = with_fake_cuda(trainer, monkeypatch, FakeCudaSleepRecorder())
     datum = Datum.from_sequence([3, 4, 5, 6])
     with caplog.at_level(logging.INFO, logger="colo.sleep"):
         first = trainer.forward_backward(adapter, [datum])
@@ -61,12 +66,7 @@ class FakeCudaCountingSleeper(FakeCudaSleepRecorder):
 
 
 def test_the_engines_own_count_is_reported_and_memory_not_given_back_is_warned(trainer, adapter, monkeypatch, caplog):
-    fake = FakeCudaCountingSleeper()
-    engine = trainer.engine
-    monkeypatch.setattr(engine, "capabilities", dataclasses.replace(engine.capabilities, sleep=True))
-    monkeypatch.setattr(engine, "sleep", fake.sleep)
-    monkeypatch.setattr(engine, "wake", fake.wake)
-    monkeypatch.setattr(colo.sleep, "device_free_bytes", lambda: fake.free)
+    fake = with_fake_cuda(trainer, monkeypatch, FakeCudaCountingSleeper())
     monkeypatch.setattr(trainer.sleep, "free_after_first_wake", None)
     datum = Datum.from_sequence([3, 4, 5, 6])
     with caplog.at_level(logging.INFO, logger="colo.sleep"):
