@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from colo.service.http import HTTPError, Requests, status_of
 from colo.service.server import Service
-from colo.service.state import NotFound, Sampler
+from colo.service.state import Sampler
 from colo.trainer import Trainer
 from colo.types import SampleJob, SampleResult, SamplingParams
 
@@ -94,11 +94,7 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
         if name in svc.base_names:
             return Sampler(tenant, f"openai-base:{tenant}")
         if name.startswith("tinker://"):
-            _, kind, _, file = svc.checkpoints.parse(tenant, name)
-            if kind != "sampler_weights" or not file.is_file():
-                raise NotFound(f"model {name!r}: no saved sampler weights at that path for this tenant")
-            saved_model, version = svc.state.saved_version(file)
-            return Sampler(tenant, f"openai:{tenant}:{name}", name, saved_model, version, file)
+            return svc.saved_sampler(tenant, f"openai:{tenant}:{name}", name)
         m = svc.state.model(tenant, name)
         return Sampler(tenant, f"openai:{tenant}:{name}", model_id=m.model_id)
 

@@ -34,13 +34,7 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
             svc.check_base_model(req.base_model)
             sampler = Sampler(tenant, sampler_id)
         else:
-            _, _, _, file = svc.checkpoints.parse(tenant, req.model_path)
-            if not file.is_file():
-                raise HTTPError(404, f"no checkpoint {req.model_path!r} for this tenant")
-            # a file this server saved names its model and version; one from an earlier run is
-            # always sampled from a frozen copy of the file
-            saved_model, version = svc.state.saved_version(file)
-            sampler = Sampler(tenant, sampler_id, req.model_path, saved_model, version, file)
+            sampler = svc.saved_sampler(tenant, sampler_id, req.model_path)
         svc.state.add_sampler(sampler, session)
         return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
 

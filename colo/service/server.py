@@ -17,7 +17,7 @@ from colo.errors import InvalidRequestError
 from colo.service.checkpoint_store import CheckpointStore
 from colo.service.futures import Futures
 from colo.service.stability import StabilityRecords
-from colo.service.state import Model, Sampler, Session, State
+from colo.service.state import Model, NotFound, Sampler, Session, State
 from colo.service.tenants import Tenants
 from colo.service.worker import Worker
 from colo.trainer import Trainer
@@ -150,6 +150,15 @@ class Service:
             trainer.delete_lora(adapter)
 
     # ---- sampling -----------------------------------------------------------------------------------
+
+    def saved_sampler(self, tenant: str, sampler_id: str, tinker_path: str) -> Sampler:
+        """A sampling session of the version saved at ``tinker_path``. A file this server saved names its
+        model and version; one from an earlier run is always sampled from a frozen copy of the file."""
+        _, _, _, file = self.checkpoints.parse(tenant, tinker_path)
+        if not file.is_file():
+            raise NotFound(f"no checkpoint {tinker_path!r} for this tenant")
+        saved_model, version = self.state.saved_version(file)
+        return Sampler(tenant, sampler_id, tinker_path, saved_model, version, file)
 
     def resolve_adapter(self, trainer: Trainer, s: Sampler) -> str | None:
         """Runs on the worker: the adapter that holds exactly the weights ``s`` samples."""
