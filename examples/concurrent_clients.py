@@ -26,8 +26,7 @@ def run_client(i: int, base_url: str, steps: int, out: dict) -> None:
     service = tinker.ServiceClient(base_url=base_url)
     base_model = tinker.RestClient(base_url=base_url).get_server_capabilities().result() \
         .supported_models[0].model_name
-    training = service.create_lora_training_client(base_model=base_model, rank=16, seed=i,
-                                                   train_unembed=False).result()
+    training = service.create_lora_training_client(base_model=base_model, rank=16, seed=i).result()
     tok = training.get_tokenizer()
     prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
                                      return_dict=False)

@@ -32,7 +32,7 @@ def main() -> None:
     service = tinker.ServiceClient(base_url=args.base_url)
     base_model = tinker.RestClient(base_url=args.base_url).get_server_capabilities().result() \
         .supported_models[0].model_name
-    training = service.create_lora_training_client(base_model=base_model, rank=16, train_unembed=False).result()
+    training = service.create_lora_training_client(base_model=base_model, rank=16).result()
     tokenizer = training.get_tokenizer()
 
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
@@ -59,7 +59,7 @@ def main() -> None:
             print(f"step {step:2d}  loss {loss:.3f}")
     path = training.save_weights_for_sampler("quickstart").result().path
     print("saved", path)
-    print("after: ", repr(ask(training.create_sampling_client(path))))
+    print("after: ", repr(ask(training.create_sampling_client(path).result())))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def trained(service, tokens):
     seq = tokens("the blue river ran to the green stone tree")
     overfit(tc, seq, steps=30)
     path = tc.save_weights_for_sampler("for-openai").result().path
-    sampler = tc.create_sampling_client(path)
+    sampler = tc.create_sampling_client(path).result()
     greedy = sampler.sample(types.ModelInput.from_ints(seq[:3]), 1,
                             types.SamplingParams(max_tokens=8, temperature=0.0)).result().sequences[0]
     return tc, seq, path, list(greedy.tokens)
