@@ -28,8 +28,11 @@ def create_app(service: Service) -> FastAPI:
     async def lifespan(app: FastAPI):
         async def housekeeping():
             while True:
-                service.reap_sessions()
-                service.worker.call(service.expire_checkpoints)
+                try:
+                    service.reap_sessions()
+                    service.worker.call(service.expire_checkpoints)
+                except Exception:  # one failed round must not end the timer (an asyncio task dies silently)
+                    log.exception("colo: housekeeping failed; trying again in %.0f s", HOUSEKEEPING_SECONDS)
                 await asyncio.sleep(HOUSEKEEPING_SECONDS)
 
         task = asyncio.create_task(housekeeping())
