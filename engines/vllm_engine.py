@@ -65,7 +65,6 @@ def knobs(config) -> dict:
 
 def check_settings(config, under_torchrun: bool, world_size: int) -> None:
     """What vLLM would refuse late, or wait on forever, refused at start-up with one clear line."""
-    import dataclasses as dc
     import typing
 
     from vllm.config.lora import MaxLoRARanks
@@ -79,7 +78,7 @@ def check_settings(config, under_torchrun: bool, world_size: int) -> None:
         raise ConfigError(f"COLO_TENSOR_PARALLEL_SIZE={config.tensor_parallel_size}, but torchrun started {world_size} "
                           f"process(es), and vLLM's ranks are torchrun's; allowed: {world_size}, or torchrun "
                           f"--nproc_per_node={config.tensor_parallel_size}")
-    known = {f.name for f in dc.fields(EngineArgs)}
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
     changed = {k for k, v in knobs(config).items() if v != KNOB_DEFAULTS[k]}
     for key in config.vllm_engine_args:
         if key in changed:

@@ -153,6 +153,6 @@ def test_temporary_files_of_killed_saves_are_removed_by_the_next_save_and_the_ne
     store = CheckpointStore(root)  # a service starting on this directory
     assert not list(root.rglob(".*.tmp-*"))
     assert killed_mid_save(target)
-    assert store.sweep(root / "alice") >= 1  # what the service does before each save of this tenant
+    assert store.sweep(root / "alice") >= 1  # what the service does before a save and on its timer
     assert not list(root.rglob(".*.tmp-*"))
     assert colo.checkpoint.load_checkpoint(target).weights["w"].numel() == 16 << 20  # the last whole one

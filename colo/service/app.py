@@ -30,7 +30,7 @@ def create_app(service: Service) -> FastAPI:
             while True:
                 try:
                     service.reap_sessions()
-                    service.worker.call(service.expire_checkpoints)
+                    service.worker.call(service.housekeeping)
                 except Exception:  # one failed round must not end the timer (an asyncio task dies silently)
                     log.exception("colo: housekeeping failed; trying again in %.0f s", HOUSEKEEPING_SECONDS)
                 await asyncio.sleep(HOUSEKEEPING_SECONDS)

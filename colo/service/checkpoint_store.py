@@ -112,11 +112,12 @@ class CheckpointStore:
         file.unlink(missing_ok=True)
         file.with_name(file.name + EXPIRES).unlink(missing_ok=True)
 
-    def expire(self, now: float | None = None) -> list[Path]:
-        """Delete every checkpoint whose time is up; the deleted files."""
+    def expire(self, folder: Path | None = None, now: float | None = None) -> list[Path]:
+        """Delete every checkpoint under ``folder`` (default: all) whose time is up; the deleted files."""
         now = time.time() if now is None else now
+        folder = self.root if folder is None else folder
         gone = []
-        for side in self.root.rglob(f"*{SUFFIX}{EXPIRES}") if self.root.is_dir() else ():
+        for side in folder.rglob(f"*{SUFFIX}{EXPIRES}") if folder.is_dir() else ():
             file = side.with_name(side.name.removesuffix(EXPIRES))
             when = self.expiry(file)
             if when is not None and when <= now:

@@ -127,7 +127,7 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
         def run(trainer: Trainer) -> str:
             if file.exists() and not overwrite:
                 raise InvalidRequestError(f"checkpoint {name!r} exists; allowed: a new name, or overwrite=True")
-            svc.before_save(trainer, tenant)
+            svc.before_save(trainer, file.parent.parent)
             trainer.save_state(m.adapter, file, optimizer=True)
             CheckpointStore.set_ttl(file, ttl)
             return CheckpointStore.tinker_path(m.model_id, "weights", name)
@@ -179,7 +179,7 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
 
         def run(trainer: Trainer) -> tt.SaveWeightsForSamplerResponseInternal:
             version = trainer.version(m.adapter)
-            svc.before_save(trainer, tenant)
+            svc.before_save(trainer, file.parent.parent)
             trainer.save_state(m.adapter, file, optimizer=False)
             CheckpointStore.set_ttl(file, ttl)
             svc.state.saved_as(file, m.model_id, version)

@@ -122,14 +122,20 @@ class Service:
 
     # ---- checkpoints --------------------------------------------------------------------------------
 
-    def before_save(self, trainer: Trainer, tenant: str) -> None:
-        """Runs on the worker before a save: what killed saves left behind goes, and so does what expired."""
-        self.checkpoints.sweep(self.checkpoints.tenant_dir(tenant))
+    def before_save(self, trainer: Trainer, model_folder: Path) -> None:
+        """Runs on the worker before a save, in the saved model's folder only (a save is on the training hot
+        path; the housekeeping timer covers every folder): killed saves' leftovers go, and what expired."""
+        self.checkpoints.sweep(model_folder)
+        self.expire_checkpoints(trainer, model_folder)
+
+    def housekeeping(self, trainer: Trainer) -> None:
+        """Runs on the worker, from the service's housekeeping timer: over every folder."""
+        self.checkpoints.sweep(self.checkpoints.root)
         self.expire_checkpoints(trainer)
 
-    def expire_checkpoints(self, trainer: Trainer) -> None:
+    def expire_checkpoints(self, trainer: Trainer, folder: Path | None = None) -> None:
         """Runs on the worker, which writes checkpoints, so a save and a deletion never meet."""
-        for file in self.checkpoints.expire():
+        for file in self.checkpoints.expire(folder):
             self._forget(trainer, file)
             log.info("checkpoint %s expired (ttl_seconds); deleted", file)
 
