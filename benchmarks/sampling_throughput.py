@@ -1,11 +1,19 @@
-"""Sampling throughput: the colocated ``vllm`` engine vs the ``pytorch`` engine (the training model
-itself), on the same model and adapters, with one adapter and with four adapters mixed in one batch.
+"""Sampling throughput of colo's engines against plain transformers + PEFT ``generate``, on the same model
+and adapters, with one adapter and with four adapters mixed in one batch.
+
+Sides (``--sides``), all in this one process, one configuration after the other:
+- ``pytorch``: colo's pytorch engine (samples from the training model itself);
+- ``vllm``: colo's in-process vLLM engine (not on a machine without vLLM);
+- ``generate``: ``generate(do_sample=True)`` through the same PEFT model, the Hugging Face reference
+  (dynamic cache; four adapters through PEFT's ``adapter_names``).
 
 Each cell: N chat prompts ("What is a + b?"), one sample each, 64 new tokens at most, temperature 1,
-seeded; generated tokens per second of wall time, median over the repeats, after a warm-up of each
-shape. Both engines run in this one process, one configuration after the other.
+seeded; generated tokens per second of wall time and milliseconds per decode step, median over the
+repeats (range in brackets), after a warm-up of each shape. For the pytorch engine the gap between the
+logprobs it reports and the trainer's own logprobs of the same tokens is measured on the last run.
 
     .venv/bin/python benchmarks/sampling_throughput.py [--repeats 3] [--prompts 8,32,128]
+        [--sides pytorch,vllm,generate] [--device cpu|cuda] [--model PATH]
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
 
 from benchmarks.report import machine, table, write_section  # noqa: E402
 from colo import AdamParams, Datum, SamplingParams, Trainer  # noqa: E402
@@ -42,58 +52,144 @@ def adapters(trainer: Trainer, n: int) -> list[str]:
     return made
 
 
-def run(trainer: Trainer, names: list[str], batch: list[list[int]]) -> tuple[float, int]:
+def colo_run(trainer: Trainer, names: list[str], batch: list[list[int]]):
     jobs = [SampleJob(names[i % len(names)], p, 1, SamplingParams(max_tokens=NEW_TOKENS, seed=i))
             for i, p in enumerate(batch)]
     started = time.perf_counter()
     results = trainer.sample_batch(jobs)
     seconds = time.perf_counter() - started
-    return seconds, sum(len(r.sequences[0].tokens) for r in results)
+    steps = max(len(r.sequences[0].tokens) for r in results)
+    return seconds, sum(len(r.sequences[0].tokens) for r in results), steps, (jobs, results)
+
+
+def generate_run(trainer: Trainer, names: list[str], batch: list[list[int]]):
+    """Plain ``generate`` through the trainer's PEFT model: left-padded batch, sampling at temperature 1."""
+    policy = trainer.policy
+    width = max(len(p) for p in batch)
+    ids = torch.full((len(batch), width), policy.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for b, p in enumerate(batch):
+        ids[b, width - len(p):] = torch.tensor(p)
+        mask[b, width - len(p):] = 1
+    ids, mask = ids.to(policy.device), mask.to(policy.device)
+    model = policy._peft
+    kwargs = {}
+    if len(names) > 1:
+        kwargs["adapter_names"] = [names[i % len(names)] for i in range(len(batch))]
+    else:
+        model.set_adapter(names[0])
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                             top_p=1.0, max_new_tokens=NEW_TOKENS, pad_token_id=policy.pad_token_id, **kwargs)
+    if policy.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    new = out[:, width:]
+    eos = torch.tensor(sorted(policy.eos_token_ids), device=new.device)
+    ended = torch.isin(new, eos)
+    # a row's tokens run up to and including its first end-of-sequence token
+    lengths = torch.where(ended.any(-1), ended.float().argmax(-1) + 1, torch.full_like(ended[:, 0], new.shape[1],
+                                                                                       dtype=torch.long))
+    return seconds, int(lengths.sum()), new.shape[1], None
+
+
+def logprob_gap(trainer: Trainer, run) -> tuple[float, float]:
+    jobs, results = run
+    gaps = []
+    for job, result in zip(jobs, results):
+        seq = result.sequences[0]
+        if not seq.tokens:
+            continue
+        own = trainer.compute_logprobs(job.adapter, list(job.prompt) + seq.tokens)[len(job.prompt):]
+        gaps += [abs(a - b) for a, b in zip(own, seq.logprobs)]
+    return statistics.mean(gaps), max(gaps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompts", default="8,32,128")
+    parser.add_argument("--sides", default="pytorch,vllm,generate")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model", default=None, help="a model folder (default: colo's default model)")
+    parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     args = parser.parse_args()
     sizes = [int(x) for x in args.prompts.split(",")]
+    sides = args.sides.split(",")
+    extra = {"model": args.model} if args.model else {}
 
-    engines = {name: Trainer(engine=name, max_lora_rank=RANK, max_loras=4) for name in ("vllm", "pytorch")}
-    names = {name: adapters(t, 4) for name, t in engines.items()}
-    model = engines["vllm"].model_path.rsplit("/", 1)[-1]
-    dtype = engines["vllm"].policy.dtype
-    rows, speed = [], {}
+    engines = {"vllm": "vllm", "pytorch": "pytorch", "generate": "pytorch"}
+    trainers: dict[str, Trainer] = {}
+    for side in sides:
+        engine = engines[side]
+        if engine not in trainers:
+            trainers[engine] = Trainer(engine=engine, max_lora_rank=RANK, max_loras=4, device=args.device, **extra)
+    names = {engine: adapters(t, 4) for engine, t in trainers.items()}
+    first = next(iter(trainers.values()))
+    model = first.model_path.rsplit("/", 1)[-1]
+    dtype = str(first.policy.dtype).removeprefix("torch.")
+    device = first.policy.device
+
+    def one(side: str, mix: int, batch: list[list[int]]):
+        trainer = trainers[engines[side]]
+        run = generate_run if side == "generate" else colo_run
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return run(trainer, names[engines[side]][:mix], batch)
+
+    rows = []
     for n in sizes:
-        batch = prompts(engines["vllm"].tokenizer, n)
         for mix in (1, 4):
-            cell = {}
-            for name, trainer in engines.items():
-                run(trainer, names[name][:mix], batch)  # warm-up of this shape
-                samples = [run(trainer, names[name][:mix], batch) for _ in range(args.repeats)]
-                rates = [tokens / seconds for seconds, tokens in samples]
-                cell[name] = statistics.median(rates)
-                speed[(n, mix, name)] = cell[name]
-                print(f"{n} prompts, {mix} adapter(s), {name}: {cell[name]:.0f} tok/s "
-                      f"({statistics.median(s for s, _ in samples):.1f} s)", flush=True)
-            rows.append([n, mix, f"{cell['vllm']:.0f}", f"{cell['pytorch']:.0f}",
-                         f"{cell['vllm'] / cell['pytorch']:.1f}x"])
-    for t in engines.values():
+            cell: dict[str, tuple[float, float, float, float]] = {}
+            gap = None
+            for side in sides:
+                one(side, mix, prompts(first.tokenizer, n))  # warm-up of this shape
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                runs = [one(side, mix, prompts(first.tokenizer, n)) for _ in range(args.repeats)]
+                rates = [tokens / seconds for seconds, tokens, _, _ in runs]
+                step_ms = [1000 * seconds / steps for seconds, _, steps, _ in runs]
+                cell[side] = (statistics.median(rates), min(rates), max(rates), statistics.median(step_ms))
+                if side == "pytorch":
+                    gap = logprob_gap(trainers["pytorch"], runs[-1][3])
+                peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
+                print(f"{n} prompts, {mix} adapter(s), {side}: {cell[side][0]:.0f} tok/s "
+                      f"({cell[side][1]:.0f}-{cell[side][2]:.0f}), {cell[side][3]:.1f} ms/step{peak}", flush=True)
+            row: list[object] = [n, mix]
+            for side in sides:
+                median, low, high, ms = cell[side]
+                row.append(f"{median:.0f} ({low:.0f}-{high:.0f}), {ms:.1f} ms")
+            if "pytorch" in cell:
+                for side in sides:
+                    if side != "pytorch":
+                        row.append(f"{cell['pytorch'][0] / cell[side][0]:.2f}x")
+                row.append(f"{gap[0]:.1e} / {gap[1]:.1e}" if gap else "")
+            rows.append(row)
+    for t in trainers.values():
         t.close()
-    headers = ["prompts", "adapters mixed", "vllm tok/s", "pytorch tok/s", "vllm / pytorch"]
+    headers = ["prompts", "adapters mixed"] + [f"{s} tok/s, ms/step" for s in sides]
+    if "pytorch" in sides:
+        headers += [f"pytorch / {s}" for s in sides if s != "pytorch"] + ["pytorch logprob gap mean / max"]
     print(table(headers, rows))
+    if args.no_write:
+        return
     write_section("sampling_throughput", f"""
-## Sampling throughput: vllm engine vs pytorch engine
+## Sampling throughput: pytorch engine, vllm engine, transformers `generate`
 
-Generated tokens per second (median of {args.repeats} runs after a warm-up of each shape), {model} ({dtype}),
+Generated tokens per second, median of {args.repeats} runs after a warm-up of each shape (range in
+brackets), and milliseconds per decode step (wall time / longest sequence). {model} ({dtype}, {device.type}),
 LoRA rank {RANK} on all linear layers, one sample per prompt, at most {NEW_TOKENS} new tokens, temperature 1,
-seeded. "4 adapters mixed": prompt i uses adapter i mod 4, all in one `sample_batch` call. Both engines
-in one process, measured one after the other.
+seeded. "4 adapters mixed": prompt i uses adapter i mod 4, all in one `sample_batch` call (one
+`generate` call with PEFT's `adapter_names`). All sides in one process, measured one after the other.
+Logprob gap: |logprob the pytorch engine reported - trainer's `compute_logprobs`| over the sampled tokens.
 
 Machine: {machine()}.
 
 {table(headers, rows)}
 
-Command: `.venv/bin/python benchmarks/sampling_throughput.py --repeats {args.repeats} --prompts {args.prompts}`
+Command: `.venv/bin/python benchmarks/sampling_throughput.py --repeats {args.repeats} --prompts {args.prompts} --sides {args.sides}`
 """)
 
 

@@ -18,8 +18,10 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from colo import decode_attention
 from colo.errors import ConfigError
 from colo.microbatches import plan
+from colo.mixed_lora import mixed_lora
 from colo.types import LoraConfig
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class PolicyModel:
         self.gradient_checkpointing = gradient_checkpointing
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
         base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        decode_attention.install(base)
         base.requires_grad_(False)
         base.eval()
         self._base = base
@@ -142,6 +145,17 @@ class PolicyModel:
             # set_adapter also gives the active adapter requires_grad and takes it from the others
             self._peft.set_adapter(name, inference_mode=not train)
             yield self._peft
+
+    @contextmanager
+    def sampling(self, row_adapters: list[str | None]) -> Iterator[torch.nn.Module]:
+        """The causal LM for one decode batch whose row b samples from adapter ``row_adapters[b]`` (None:
+        the base model), with the LoRA computed in the base dtype (``colo.mixed_lora``)."""
+        if self._peft is None:
+            assert not any(row_adapters)
+            yield self._base
+            return
+        with self._peft.disable_adapter(), mixed_lora(self._peft, row_adapters, self.dtype):
+            yield self._peft.get_base_model()
 
     # ---- scoring --------------------------------------------------------------------------------
 

@@ -1,9 +1,18 @@
-"""Batched autoregressive sampling with a KV cache, on a Hugging Face causal LM.
+"""Batched autoregressive sampling on a Hugging Face causal LM, built so the device never waits on the host.
 
-Each row is one sample of one request. Rows of a request share a ``torch.Generator`` seeded from the
-request, so a seeded request draws the same tokens whatever else is in the batch. The logprob
-reported for a token is from the raw distribution (temperature 1, no top-k/top-p), which is what
-the trainer computes; the token itself is drawn from the processed distribution.
+- The KV cache is preallocated (transformers' ``StaticCache``) for the prompt width plus the most new
+  tokens any row may take, and every decode step has the same shapes: the attention mask covers the
+  whole cache from the start and a column is switched on as it is written.
+- Each step draws every row's token in one pass (``engines.token_draw``), writes tokens and logprobs
+  into preallocated device tensors and decides on the device which rows have finished (a stop token or
+  their length). The host looks every ``SYNC_EVERY`` steps: to end the loop when all rows are done and
+  to search stop strings, which need the tokenizer. Rows that finish keep decoding until then (their
+  tokens are cut off), which keeps the batch rectangular.
+
+Each row is one sample of one request; a request's rows share its seed and are told apart by their
+sample number, so a seeded request draws the same tokens whatever else is in the batch. The logprob
+reported for a token is from the raw distribution (temperature 1, no top-k/top-p), which is what the
+trainer computes; the token itself is drawn from the processed distribution.
 """
 
 from __future__ import annotations
@@ -12,106 +21,126 @@ import secrets
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, StaticCache
 
 from colo.types import SampledSequence, SamplingParams
+from engines.token_draw import RowParams, draw
+
+# Host look-ups per decode step cost a device round trip each; every 8 steps the waste is at most 7
+# steps of rows that already finished.
+SYNC_EVERY = 8
 
 
 @dataclass
 class Row:
     prompt: list[int]
     params: SamplingParams
-    generator: torch.Generator
+    seed: int  # the request's seed (drawn at random when it has none), shared by its rows
+    sample: int  # which of the request's samples this row is
     max_new: int  # max_tokens, cut to what the context leaves
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     stop_reason: str | None = None
 
 
-def request_generator(params: SamplingParams, device: torch.device) -> torch.Generator:
-    seed = params.seed if params.seed is not None else secrets.randbits(62)
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def pick_tokens(raw_logprobs: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """Draw one token per row of ``raw_logprobs`` (R, V) under ``params``."""
-    if params.temperature == 0:
-        return raw_logprobs.argmax(dim=-1)
-    logits = raw_logprobs / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above each one
-        sorted_logits = sorted_logits.masked_fill(before >= params.top_p, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+def request_seed(params: SamplingParams) -> int:
+    return params.seed if params.seed is not None else secrets.randbits(62)
 
 
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
     rows: list[Row],
-    groups: list[list[int]],  # row indices of each request (they share params and generator)
     pad_token_id: int,
     eos_token_ids: frozenset[int],
     tokenizer: PreTrainedTokenizerBase,
     device: torch.device,
+    vocab_size: int,
 ) -> None:
     """Fill each row's tokens, logprobs and stop_reason."""
     batch = len(rows)
     width = max(len(r.prompt) for r in rows)
+    steps = max(r.max_new for r in rows)
+    mask = torch.zeros((batch, width + steps), dtype=torch.long)
     ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((batch, width), dtype=torch.long)
-    for b, r in enumerate(rows):  # left padding: every row's next token is at the last column
+    for b, r in enumerate(rows):  # left padding: every row's next token is at the same column
         ids[b, width - len(r.prompt):] = torch.tensor(r.prompt)
-        mask[b, width - len(r.prompt):] = 1
+        mask[b, width - len(r.prompt): width] = 1
     ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    last_pos = positions[:, -1:]
+    positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
 
-    live = set(range(batch))
-    for _ in range(max(r.max_new for r in rows)):
+    draw_params = RowParams.of([r.params for r in rows], [r.seed for r in rows], [r.sample for r in rows],
+                               vocab_size, device)
+    stop_ids = _stop_ids(rows, eos_token_ids, device)
+    max_new = torch.tensor([r.max_new for r in rows], device=device)
+    tokens = torch.zeros((batch, steps), dtype=torch.long, device=device)
+    logprobs = torch.zeros((batch, steps), dtype=torch.float32, device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+    done = max_new <= 0
+    step = torch.zeros((), dtype=torch.long, device=device)
+    string_rows = [b for b, r in enumerate(rows) if r.params.stop_strings]
+
+    cache = StaticCache(config=model.config, max_cache_len=width + steps)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                cache_position=torch.arange(width, device=device), use_cache=True,
+                # an index tensor, not 1: a slice would reach the output layer as a strided view, which
+                # torch.matmul multiplies by copying the whole weight once per row
+                logits_to_keep=torch.tensor([width - 1], device=device))
+    position = positions[:, -1:]
+    checked = 0  # steps whose tokens the host has searched for stop strings
+    for t in range(steps):
         raw = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
-        chosen = torch.empty(batch, dtype=torch.long, device=device)
-        for members in groups:
-            index = torch.tensor(members, device=device)
-            chosen[index] = pick_tokens(raw[index], rows[members[0]].params, rows[members[0]].generator)
-        chosen_lp = raw.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).tolist()
-        chosen_list = chosen.tolist()
-        for b in list(live):
-            r = rows[b]
-            token = chosen_list[b]
-            r.tokens.append(token)
-            r.logprobs.append(chosen_lp[b])
-            if token in eos_token_ids or token in r.params.stop_token_ids or _hits_stop_string(r, tokenizer):
-                r.stop_reason = "stop"
-            elif len(r.tokens) >= r.max_new:
-                r.stop_reason = "length"
-            if r.stop_reason is not None:
-                live.discard(b)
-        if not live:
-            break
-        # finished rows keep decoding (their tokens are dropped): it keeps the batch rectangular
-        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
-        last_pos = last_pos + 1
-        out = model(input_ids=chosen.unsqueeze(-1), attention_mask=mask, position_ids=last_pos,
-                    past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        chosen = draw(raw, draw_params, step)
+        live = ~done
+        tokens[:, t] = chosen
+        logprobs[:, t] = raw.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+        lengths += live
+        hit = live & (chosen.unsqueeze(-1) == stop_ids).any(-1)
+        stopped |= hit
+        done = done | hit | (lengths >= max_new)
+        step += 1
+        if (t + 1) % SYNC_EVERY == 0 or t + 1 == steps:
+            if string_rows:
+                checked = _stop_strings(rows, string_rows, tokens, lengths, stopped, checked, t + 1, tokenizer)
+                done = done | stopped
+            if bool(done.all()):
+                break
+        column = width + t
+        mask[:, column] = 1
+        position = position + 1
+        out = model(input_ids=chosen.unsqueeze(-1), attention_mask=mask, position_ids=position,
+                    past_key_values=cache, cache_position=torch.tensor([column], device=device), use_cache=True)
+
+    tokens, logprobs, lengths, stopped = tokens.tolist(), logprobs.tolist(), lengths.tolist(), stopped.tolist()
+    for b, r in enumerate(rows):
+        r.tokens, r.logprobs = tokens[b][: lengths[b]], logprobs[b][: lengths[b]]
+        r.stop_reason = "stop" if stopped[b] else "length"
 
 
-def _hits_stop_string(row: Row, tokenizer: PreTrainedTokenizerBase) -> bool:
-    if not row.params.stop_strings:
-        return False
-    # decode only a tail long enough to hold the longest stop string and the newest token
-    tail = row.tokens[-(max(len(s) for s in row.params.stop_strings) + 1):]
-    text = tokenizer.decode(tail, skip_special_tokens=False)
-    return any(s in text for s in row.params.stop_strings)
+def _stop_ids(rows: list[Row], eos_token_ids: frozenset[int], device: torch.device) -> torch.Tensor:
+    """(rows, S): each row's stop token ids (end of sequence and its request's), padded with -1."""
+    per_row = [sorted(eos_token_ids | set(r.params.stop_token_ids)) for r in rows]
+    width = max(1, max(len(ids) for ids in per_row))
+    return torch.tensor([ids + [-1] * (width - len(ids)) for ids in per_row], dtype=torch.long, device=device)
+
+
+def _stop_strings(rows: list[Row], string_rows: list[int], tokens: torch.Tensor, lengths: torch.Tensor,
+                  stopped: torch.Tensor, checked: int, upto: int, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Search the tokens of steps [checked, upto) for stop strings; a row that holds one ends at the token
+    that completes it (``lengths`` and ``stopped`` are updated on the device). Returns ``upto``."""
+    seen, count = tokens[string_rows, :upto].tolist(), lengths[string_rows].tolist()
+    for b, row_tokens, n in zip(string_rows, seen, count):
+        strings = rows[b].params.stop_strings
+        longest = max(len(s) for s in strings)
+        for end in range(checked + 1, n + 1):
+            # decode only a tail long enough to hold the longest stop string and the newest token
+            text = tokenizer.decode(row_tokens[max(0, end - longest - 1): end], skip_special_tokens=False)
+            if any(s in text for s in strings):
+                lengths[b] = end
+                stopped[b] = True
+                break
+    return upto
 
 
 def to_sequence(row: Row) -> SampledSequence:

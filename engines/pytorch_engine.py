@@ -10,7 +10,7 @@ from collections import defaultdict
 
 from colo.types import SampleResult
 from engines.base import AdapterUpdate, Capabilities, InferenceEngine, SampleRequest
-from engines.generation import Row, generate, request_generator, to_sequence
+from engines.generation import Row, generate, request_seed, to_sequence
 
 
 class PyTorchEngine(InferenceEngine):
@@ -20,7 +20,7 @@ class PyTorchEngine(InferenceEngine):
         runtime_adapter_loading=True,
         sleep=False,
         shares_trainer_weights=True,
-        multi_adapter_batch=False,
+        multi_adapter_batch=True,
         unembed_lora=True,
     )
     max_batch_rows = 64  # bounds the KV cache and logits of one decode loop
@@ -38,38 +38,51 @@ class PyTorchEngine(InferenceEngine):
 
     def sample(self, requests: list[SampleRequest]) -> list[SampleResult]:
         policy = self.policy
+        # one row per sample, a request's rows side by side and the rows of one adapter together, so the
+        # requests of every adapter (and the base model) share each decode loop
+        order = sorted(range(len(requests)), key=lambda i: _adapter_of(requests[i]) or "")
+        rows: list[Row] = []
+        row_adapters: list[str | None] = []
+        groups: dict[int, list[int]] = {}
+        for i in order:
+            req = requests[i]
+            seed = request_seed(req.params)
+            max_new = min(req.params.max_tokens, self.context.max_model_len - len(req.prompt))
+            groups[i] = list(range(len(rows), len(rows) + req.num_samples))
+            rows += [Row(req.prompt, req.params, seed, n, max_new) for n in range(req.num_samples)]
+            row_adapters += [_adapter_of(req)] * req.num_samples
+        for start, members in _chunks([groups[i] for i in order], self.max_batch_rows):
+            end = start + sum(len(g) for g in members)
+            with policy.sampling(row_adapters[start:end]) as model:
+                generate(model, rows[start:end], policy.pad_token_id, policy.eos_token_ids, policy.tokenizer,
+                         policy.device, policy.vocab_size)
+
+        prompt_logprobs = self._prompt_logprobs(requests)
+        results = []
+        for i, req in enumerate(requests):
+            adapter = _adapter_of(req)
+            version = self.versions.get(adapter) if adapter else None
+            results.append(SampleResult([to_sequence(rows[j]) for j in groups[i]], adapter, version,
+                                        prompt_logprobs.get(i, [None]) if req.prompt_logprobs else None))
+        return results
+
+    def _prompt_logprobs(self, requests: list[SampleRequest]) -> dict[int, list[float | None]]:
+        """The trainer's own scoring of the prompts that asked for it, one adapter at a time."""
         by_adapter: dict[str | None, list[int]] = defaultdict(list)
         for i, req in enumerate(requests):
-            by_adapter[req.adapter.adapter if req.adapter else None].append(i)
+            if req.prompt_logprobs and len(req.prompt) > 1:
+                by_adapter[_adapter_of(req)].append(i)
+        out: dict[int, list[float | None]] = {}
+        for adapter, scored in by_adapter.items():
+            with self.policy.active(adapter) as model:
+                lps = self.policy.score(model, [requests[i].prompt[:-1] for i in scored],
+                                        [requests[i].prompt[1:] for i in scored])
+            out.update({i: [None, *lp.tolist()] for i, lp in zip(scored, lps)})
+        return out
 
-        results: list[SampleResult | None] = [None] * len(requests)
-        prompt_logprobs: dict[int, list[float | None]] = {}
-        for adapter, indices in by_adapter.items():
-            rows: list[Row] = []
-            groups: list[list[int]] = []
-            for i in indices:
-                req = requests[i]
-                generator = request_generator(req.params, policy.device)
-                max_new = min(req.params.max_tokens, self.context.max_model_len - len(req.prompt))
-                groups.append(list(range(len(rows), len(rows) + req.num_samples)))
-                rows += [Row(req.prompt, req.params, generator, max_new) for _ in range(req.num_samples)]
-            with policy.active(adapter) as model:
-                for start, chunk_groups in _chunks(groups, self.max_batch_rows):
-                    chunk = rows[start: start + sum(len(g) for g in chunk_groups)]
-                    local = [[j - start for j in g] for g in chunk_groups]
-                    generate(model, chunk, local, policy.pad_token_id, policy.eos_token_ids,
-                             policy.tokenizer, policy.device)
-                scored = [i for i in indices if requests[i].prompt_logprobs and len(requests[i].prompt) > 1]
-                if scored:
-                    lps = policy.score(model, [requests[i].prompt[:-1] for i in scored],
-                                       [requests[i].prompt[1:] for i in scored])
-                    prompt_logprobs = {i: [None, *lp.tolist()] for i, lp in zip(scored, lps)}
-            version = self.versions.get(adapter) if adapter else None
-            for i, group in zip(indices, groups):
-                wanted = requests[i].prompt_logprobs
-                results[i] = SampleResult([to_sequence(rows[j]) for j in group], adapter, version,
-                                          prompt_logprobs.get(i, [None]) if wanted else None)
-        return results  # type: ignore[return-value]
+
+def _adapter_of(request: SampleRequest) -> str | None:
+    return request.adapter.adapter if request.adapter else None
 
 
 def _chunks(groups: list[list[int]], limit: int):
