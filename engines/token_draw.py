@@ -32,8 +32,8 @@ class RowParams:
     seed_hi: torch.Tensor  # (B,) long, the seed's high bits
     sample: torch.Tensor  # (B,) long, the row's sample number within its request
     filtered: bool  # some row has top-k or top-p: the one sort per step is needed
+    row_filtered: torch.Tensor  # (B, 1) bool: the row has top-k or top-p
     any_greedy: bool
-    unit_temperature: bool  # every row samples at temperature 1 (or is greedy)
 
     @classmethod
     def of(cls, params: list[SamplingParams], seeds: list[int], samples: list[int], vocab: int,
@@ -42,6 +42,7 @@ class RowParams:
             return torch.tensor(values, dtype=dtype, device=device)
 
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        filtered = [k < vocab or p.top_p < 1.0 for k, p in zip(top_k, params)]
         return cls(
             temperature=column([p.temperature or 1.0 for p in params], torch.float32).unsqueeze(-1),
             greedy=column([p.temperature == 0 for p in params], torch.bool),
@@ -50,9 +51,9 @@ class RowParams:
             seed_lo=column([s & _MASK32 for s in seeds], torch.long),
             seed_hi=column([s >> 32 for s in seeds], torch.long),
             sample=column(samples, torch.long),
-            filtered=any(k < vocab or p.top_p < 1.0 for k, p in zip(top_k, params)),
+            filtered=any(filtered),
+            row_filtered=column(filtered, torch.bool).unsqueeze(-1),
             any_greedy=any(p.temperature == 0 for p in params),
-            unit_temperature=all(p.temperature in (0, 1) for p in params),
         )
 
 
@@ -77,21 +78,22 @@ def uniforms(rows: RowParams, step: torch.Tensor) -> torch.Tensor:
 
 def draw(raw_logprobs: torch.Tensor, rows: RowParams, step: torch.Tensor) -> torch.Tensor:
     """One token per row of ``raw_logprobs`` (B, V): greedy rows take the argmax, the others a draw from
-    the distribution at their temperature, cut to their top-k and then their top-p."""
-    order = None
+    the distribution at their temperature, cut to their top-k and then their top-p.
+
+    Every operation is row by row and the search runs in vocabulary order, so a row's token is the
+    same whether or not its neighbours needed the sort that top-k and top-p take.
+    """
+    # unnormalised: the search scales its target by each row's total, so no softmax is needed
+    mass = torch.exp((raw_logprobs - raw_logprobs.amax(dim=-1, keepdim=True)) / rows.temperature)
     if rows.filtered:
-        logits, order = torch.sort(raw_logprobs / rows.temperature, dim=-1, descending=True)
-        rank = torch.arange(logits.shape[-1], device=logits.device)
-        logits = logits.masked_fill(rank >= rows.top_k, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # the mass of the tokens ranked above each one
-        probs = probs.masked_fill(before >= rows.top_p, 0.0)
-    elif rows.unit_temperature:
-        probs = raw_logprobs.exp()  # the raw logprobs are already normalised
-    else:
-        probs = torch.softmax(raw_logprobs / rows.temperature, dim=-1)
-    index = _inverse_cdf(probs, uniforms(rows, step))
-    tokens = index if order is None else order.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+        ranked, order = torch.sort(mass, dim=-1, descending=True)
+        rank = torch.arange(mass.shape[-1], device=mass.device)
+        ranked = ranked.masked_fill(rank >= rows.top_k, 0.0)
+        before = torch.cumsum(ranked, dim=-1) - ranked  # the mass of the tokens ranked above each one
+        drop = (rank >= rows.top_k) | (before >= rows.top_p * ranked.sum(-1, keepdim=True))
+        drop &= rows.row_filtered
+        mass = mass.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), 0.0)
+    tokens = _inverse_cdf(mass, uniforms(rows, step))
     if not rows.any_greedy:
         return tokens
     return torch.where(rows.greedy, raw_logprobs.argmax(dim=-1), tokens)

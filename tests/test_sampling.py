@@ -3,6 +3,7 @@
 import pytest
 
 from colo import SamplingParams
+from colo.types import SampleJob
 from helpers import encode, overfit
 
 PROMPTS = ["the cat", "one two three", "what is", "hello world apple"]
@@ -100,3 +101,67 @@ def test_large_batches_are_split_without_losing_requests(trainer, trained, monke
     prompts = [encode(trainer, p) for p in PROMPTS]
     results = trainer.sample(trained, prompts, 3, SamplingParams(max_tokens=3, seed=5))
     assert [len(r.sequences) for r in results] == [3] * len(PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def second(trainer):
+    """Another adapter of another rank and other layers (attention only), trained on other text."""
+    a = trainer.create_lora(rank=4, seed=22, train_mlp=False)
+    overfit(trainer, a, encode(trainer, "one two three four five six seven eight nine"), steps=5, lr=5e-3)
+    yield a
+    trainer.delete_lora(a)
+
+
+def _mixed_jobs(trainer, trained, second):
+    return [
+        SampleJob(trained, encode(trainer, "the cat"), 2, SamplingParams(max_tokens=10, seed=1)),
+        SampleJob(second, encode(trainer, "one two three"), 1, SamplingParams(max_tokens=10, seed=2)),
+        SampleJob(None, encode(trainer, "what is"), 1, SamplingParams(max_tokens=10, seed=3)),
+        SampleJob(trained, encode(trainer, "hello world apple"), 1, SamplingParams(max_tokens=10, temperature=0)),
+        SampleJob(second, encode(trainer, "the"), 2,
+                  SamplingParams(max_tokens=10, temperature=0.8, top_k=30, top_p=0.9, seed=4)),
+    ]
+
+
+def test_mixed_adapter_batch_equals_each_adapter_alone(trainer, trained, second):
+    assert trainer.engine.capabilities.multi_adapter_batch
+    jobs = _mixed_jobs(trainer, trained, second)
+    mixed = trainer.sample_batch(jobs)
+    for job, together in zip(jobs, mixed):
+        alone = trainer.sample_batch([job])[0]
+        assert together.adapter == job.adapter
+        assert [s.tokens for s in together.sequences] == [s.tokens for s in alone.sequences]
+        for a, b in zip(together.sequences, alone.sequences):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    # and the adapters really differ: the neighbour's weights would have given other logprobs
+    seq = mixed[0].sequences[0]
+    neighbours = trainer.compute_logprobs(second, list(jobs[0].prompt) + seq.tokens)[len(jobs[0].prompt):]
+    assert max(abs(a - b) for a, b in zip(neighbours, seq.logprobs)) > 1e-2
+
+
+def test_mixed_batch_logprobs_agree_with_the_trainer_after_optimizer_steps(trainer, make_adapter):
+    a, b = make_adapter(seed=31), make_adapter(rank=4, seed=32, train_attn=False)
+    overfit(trainer, a, encode(trainer, "red green blue red green blue"), steps=4, lr=1e-2)
+    overfit(trainer, b, encode(trainer, "a b c d e f g"), steps=4, lr=1e-2)
+    jobs = [SampleJob(adapter, encode(trainer, text), 2, SamplingParams(max_tokens=12, seed=i))
+            for i, (adapter, text) in enumerate([(a, "red"), (b, "a b"), (None, "the cat"), (a, "blue green")])]
+    gaps = []
+    for job, result in zip(jobs, trainer.sample_batch(jobs)):
+        assert result.adapter_version == (trainer.adapters[job.adapter].version if job.adapter else None)
+        for seq in result.sequences:
+            ours = trainer.compute_logprobs(job.adapter, list(job.prompt) + seq.tokens)[len(job.prompt):]
+            gaps += [abs(x - y) for x, y in zip(ours, seq.logprobs)]
+    assert max(gaps) < 1e-4  # float32: the stacked LoRA and KV-cached decoding change only rounding
+
+
+def test_seeded_draws_do_not_depend_on_the_batch(trainer, trained, second):
+    job = SampleJob(trained, encode(trainer, "the cat"), 3, SamplingParams(max_tokens=10, seed=77))
+    alone = trainer.sample_batch([job])[0]
+    others = _mixed_jobs(trainer, trained, second)
+    for batch in ([*others, job], [job, *others], others[:2] + [job] + others[2:]):
+        result = trainer.sample_batch(batch)[batch.index(job)]
+        assert [s.tokens for s in result.sequences] == [s.tokens for s in alone.sequences]
+    # a request's samples differ from one another, and so does another seed
+    assert len({tuple(s.tokens) for s in alone.sequences}) > 1
+    reseeded = trainer.sample_batch([SampleJob(job.adapter, job.prompt, 3, SamplingParams(max_tokens=10, seed=78))])[0]
+    assert [s.tokens for s in reseeded.sequences] != [s.tokens for s in alone.sequences]
