@@ -90,7 +90,7 @@ def generate(
     position = positions[:, -1:]
     checked = 0  # steps whose tokens the host has searched for stop strings
     for t in range(steps):
-        raw = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+        raw = torch.log_softmax(out.logits[:, -1, :], dim=-1, dtype=torch.float32)
         chosen = draw(raw, draw_params, step)
         live = ~done
         tokens[:, t] = chosen

@@ -34,6 +34,7 @@ class RowParams:
     filtered: bool  # some row has top-k or top-p: the one sort per step is needed
     row_filtered: torch.Tensor  # (B, 1) bool: the row has top-k or top-p
     any_greedy: bool
+    unit_temperature: bool  # every row samples at temperature 1 or is greedy
 
     @classmethod
     def of(cls, params: list[SamplingParams], seeds: list[int], samples: list[int], vocab: int,
@@ -54,6 +55,7 @@ class RowParams:
             filtered=any(filtered),
             row_filtered=column(filtered, torch.bool).unsqueeze(-1),
             any_greedy=any(p.temperature == 0 for p in params),
+            unit_temperature=all(p.temperature in (0, 1) for p in params),
         )
 
 
@@ -84,7 +86,10 @@ def draw(raw_logprobs: torch.Tensor, rows: RowParams, step: torch.Tensor) -> tor
     same whether or not its neighbours needed the sort that top-k and top-p take.
     """
     # unnormalised: the search scales its target by each row's total, so no softmax is needed
-    mass = torch.exp((raw_logprobs - raw_logprobs.amax(dim=-1, keepdim=True)) / rows.temperature)
+    mass = raw_logprobs - raw_logprobs.amax(dim=-1, keepdim=True)  # in place from here: one (B, V) buffer
+    if not rows.unit_temperature:
+        mass.div_(rows.temperature)  # (dividing by 1 would change nothing: skipping it keeps rows comparable)
+    mass.exp_()
     if rows.filtered:
         ranked, order = torch.sort(mass, dim=-1, descending=True)
         rank = torch.arange(mass.shape[-1], device=mass.device)
@@ -113,7 +118,7 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         size = _BLOCKS[0]
         probs = torch.nn.functional.pad(probs, (0, (-vocab) % size))
     blocks = probs.view(batch, -1, size)
-    mass = blocks.sum(-1, dtype=torch.float64)  # (B, blocks)
+    mass = blocks.sum(-1).double()  # (B, blocks); float32 sums: the clamp below absorbs their rounding
     upto = mass.cumsum(-1)
     target = u.unsqueeze(-1) * upto[:, -1:]
     block = torch.searchsorted(upto, target, right=True).clamp_(max=upto.shape[-1] - 1)  # (B, 1)
