@@ -4,6 +4,7 @@ import pytest
 
 from colo import SamplingParams
 from colo.types import SampleJob
+from engines import generation, pytorch_engine
 from helpers import encode, overfit
 
 PROMPTS = ["the cat", "one two three", "what is", "hello world apple"]
@@ -96,11 +97,21 @@ def test_base_model_sampling_reports_no_adapter(trainer, trained):
     assert base[-4:] == pytest.approx(result.sequences[0].logprobs, abs=1e-4)
 
 
-def test_large_batches_are_split_without_losing_requests(trainer, trained, monkeypatch):
-    monkeypatch.setattr(trainer.engine, "max_batch_rows", 4)
+@pytest.mark.parametrize("limit", [("max_batch_rows", 4), ("max_batch_tokens", 30)], ids=["rows", "kv positions"])
+def test_large_batches_are_split_without_losing_requests(trainer, trained, monkeypatch, limit):
     prompts = [encode(trainer, p) for p in PROMPTS]
+    whole = trainer.sample(trained, prompts, 3, SamplingParams(max_tokens=3, seed=5))
+    batches = []
+    original = generation.generate
+    monkeypatch.setattr(pytorch_engine, "generate", lambda model, rows, *a: (batches.append(rows), original(model, rows, *a)))
+    monkeypatch.setattr(trainer.engine, *limit)
     results = trainer.sample(trained, prompts, 3, SamplingParams(max_tokens=3, seed=5))
-    assert [len(r.sequences) for r in results] == [3] * len(PROMPTS)
+    assert len(batches) > 1
+    if limit[0] == "max_batch_rows":
+        assert max(len(rows) for rows in batches) <= 4
+    else:
+        assert max(len(rows) * max(len(r.prompt) + r.max_new for r in rows) for rows in batches) <= 30
+    assert [[s.tokens for s in r.sequences] for r in results] == [[s.tokens for s in r.sequences] for r in whole]
 
 
 @pytest.fixture(scope="module")
