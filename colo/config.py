@@ -91,6 +91,10 @@ class Config(BaseSettings):
     vllm_max_num_batched_tokens: int | None = Field(None, ge=1, description=(
         "vllm engine: most tokens in one scheduler step (None: vLLM's default; on CPU colo schedules whole "
         "prompts, at least 4096)."))
+    pytorch_compile: Literal["auto", "on", "off"] = Field("auto", description=(
+        "pytorch engine: compile the decode step (`torch.compile`, CUDA graphs on CUDA). `auto`: on CUDA only; on "
+        "the 2-core CPU measured, compiling took 39 s per batch shape for 1.23x per step. A compile failure "
+        "is logged and decoding goes on eagerly."))
     vllm_enforce_eager: bool = Field(False, description=(
         "vllm engine: no CUDA graphs (slower decoding, faster start-up, less memory)."))
     vllm_quantization: str | None = Field(None, description=(

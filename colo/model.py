@@ -21,7 +21,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from colo import decode_attention
 from colo.errors import ConfigError
 from colo.microbatches import plan
-from colo.mixed_lora import mixed_lora
+from colo.mixed_lora import MixedLora
 from colo.types import LoraConfig
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class PolicyModel:
         base.eval()
         self._base = base
         self._peft: peft.PeftModel | None = None  # created with the first adapter
+        self._mixed = MixedLora(dtype)
         self.vocab_size: int = base.get_input_embeddings().num_embeddings
         self.max_positions: int = getattr(base.config, "max_position_embeddings", 1 << 30)
         self.num_layers: int = getattr(base.config, "num_hidden_layers", 0)
@@ -147,14 +148,16 @@ class PolicyModel:
             yield self._peft
 
     @contextmanager
-    def sampling(self, row_adapters: list[str | None]) -> Iterator[torch.nn.Module]:
+    def sampling(self, row_adapters: list[str | None],
+                 fixed: tuple[int, int, int] | None = None) -> Iterator[torch.nn.Module]:
         """The causal LM for one decode batch whose row b samples from adapter ``row_adapters[b]`` (None:
-        the base model), with the LoRA computed in the base dtype (``colo.mixed_lora``)."""
+        the base model), with the LoRA computed in the base dtype; ``fixed`` = (slots, rank, rows) for
+        compiled decoding (``colo.mixed_lora``)."""
         if self._peft is None:
             assert not any(row_adapters)
             yield self._base
             return
-        with self._peft.disable_adapter(), mixed_lora(self._peft, row_adapters, self.dtype):
+        with self._peft.disable_adapter(), self._mixed.batch(self._peft, row_adapters, fixed):
             yield self._peft.get_base_model()
 
     # ---- scoring --------------------------------------------------------------------------------

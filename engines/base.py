@@ -70,6 +70,7 @@ class EngineSettings:
     cpu_kvcache_space_gib: int = 1
     tensor_parallel_size: int = 1
     seed: int = 0
+    pytorch_compile: str = "auto"
     vllm_kv_cache_dtype: str = "auto"
     vllm_prefix_caching: bool = True
     vllm_max_num_seqs: int | None = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from transformers import PreTrainedTokenizerBase, StaticCache
@@ -56,12 +57,17 @@ def generate(
     tokenizer: PreTrainedTokenizerBase,
     device: torch.device,
     vocab_size: int,
+    decode: Callable[..., Any] | None = None,
+    cache_len: int | None = None,
 ) -> None:
-    """Fill each row's tokens, logprobs and stop_reason."""
+    """Fill each row's tokens, logprobs and stop_reason. ``decode`` runs the decode steps (default: ``model``;
+    the compiled step); ``cache_len`` sizes the KV cache (default: just enough)."""
     batch = len(rows)
     width = max(len(r.prompt) for r in rows)
     steps = max(r.max_new for r in rows)
-    mask = torch.zeros((batch, width + steps), dtype=torch.long)
+    cache_len = max(cache_len or 0, width + steps)
+    decode = decode or model
+    mask = torch.zeros((batch, cache_len), dtype=torch.long)
     ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     for b, r in enumerate(rows):  # left padding: every row's next token is at the same column
         ids[b, width - len(r.prompt):] = torch.tensor(r.prompt)
@@ -81,7 +87,7 @@ def generate(
     step = torch.zeros((), dtype=torch.long, device=device)
     string_rows = [b for b, r in enumerate(rows) if r.params.stop_strings]
 
-    cache = StaticCache(config=model.config, max_cache_len=width + steps)
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                 cache_position=torch.arange(width, device=device), use_cache=True,
                 # an index tensor, not 1: a slice would reach the output layer as a strided view, which
@@ -109,8 +115,8 @@ def generate(
         column = width + t
         mask[:, column] = 1
         position = position + 1
-        out = model(input_ids=chosen.unsqueeze(-1), attention_mask=mask, position_ids=position,
-                    past_key_values=cache, cache_position=torch.tensor([column], device=device), use_cache=True)
+        out = decode(input_ids=chosen.unsqueeze(-1), attention_mask=mask, position_ids=position,
+                     past_key_values=cache, cache_position=torch.tensor([column], device=device), use_cache=True)
 
     tokens, logprobs, lengths, stopped = tokens.tolist(), logprobs.tolist(), lengths.tolist(), stopped.tolist()
     for b, r in enumerate(rows):

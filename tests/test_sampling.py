@@ -176,3 +176,28 @@ def test_seeded_draws_do_not_depend_on_the_batch(trainer, trained, second):
     assert len({tuple(s.tokens) for s in alone.sequences}) > 1
     reseeded = trainer.sample_batch([SampleJob(job.adapter, job.prompt, 3, SamplingParams(max_tokens=10, seed=78))])[0]
     assert [s.tokens for s in reseeded.sequences] != [s.tokens for s in alone.sequences]
+
+
+def test_compiled_decoding_gives_the_eager_tokens_and_serves_new_batches_without_recompiling(
+        trainer, trained, second, monkeypatch):
+    """COLO_PYTORCH_COMPILE=on (the default on CUDA only): torch.compile of the decode step, here on CPU."""
+    import torch._dynamo
+
+    jobs = _mixed_jobs(trainer, trained, second)
+    eager = trainer.sample_batch(jobs)
+    monkeypatch.setattr(trainer.engine, "compiled", True)
+    monkeypatch.setattr(trainer.engine, "_decode", None)
+    compiled = trainer.sample_batch(jobs)
+    assert not trainer.engine._decode.failed
+    for x, y in zip(eager, compiled):
+        assert [s.tokens for s in x.sequences] == [s.tokens for s in y.sequences]
+        for a, b in zip(x.sequences, y.sequences):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    # another mix of adapters and prompts, the same row bucket (7 rows -> 8): no new graph
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    other = [SampleJob(second, encode(trainer, "a b c d e"), 4, SamplingParams(max_tokens=6, seed=9)),
+             SampleJob(None, encode(trainer, "the"), 3, SamplingParams(max_tokens=6, seed=10))]
+    again = trainer.sample_batch(other)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+    monkeypatch.setattr(trainer.engine, "compiled", False)
+    assert [s.tokens for r in again for s in r.sequences] == [s.tokens for r in trainer.sample_batch(other) for s in r.sequences]
