@@ -7,11 +7,19 @@ the queued ones with an error, and releases the engine; checkpoints are written 
 is left half-written.
 """
 
+import os
 import sys
 
 
 def main() -> int:
     from colo.errors import ConfigError
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # serving from rank 0 while driving the other ranks in lock step is not built yet: binding the
+        # port on every rank, or training on one, would be wrong without saying so
+        print(f"colo: the service runs with one rank (torchrun --nproc_per_node=1); WORLD_SIZE is "
+              f"{os.environ['WORLD_SIZE']}. Scripts run on several ranks (README: Several ranks).", file=sys.stderr)
+        return 2
 
     try:
         from colo.service.checkpoint_store import CheckpointStore

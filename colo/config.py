@@ -91,6 +91,9 @@ class Config(BaseSettings):
     vllm_max_num_batched_tokens: int | None = Field(None, ge=1, description=(
         "vllm engine: most tokens in one scheduler step (None: vLLM's default; on CPU colo schedules whole "
         "prompts, at least 4096)."))
+    collective_timeout_seconds: float = Field(900.0, gt=0, description=(
+        "Under torchrun with several ranks: how long a rank waits for the others in one collective (gradient sum, "
+        "gathering results) before the job ends with an error; a dead or hung rank cannot stall the rest longer."))
     pytorch_compile: Literal["auto", "on", "off"] = Field("auto", description=(
         "pytorch engine: compile the decode step (`torch.compile`, CUDA graphs on CUDA). `auto`: on CUDA only; on "
         "the 2-core CPU measured, compiling took 39 s per batch shape for 1.23x per step. A compile failure "

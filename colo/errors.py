@@ -34,3 +34,7 @@ class CheckpointError(ColoError):
 
 class EngineError(ColoError):
     """The inference engine cannot serve the request (unavailable, or missing a capability)."""
+
+
+class RanksError(ColoError):
+    """Under several ranks: the others did not answer a collective in time (one died or hangs)."""

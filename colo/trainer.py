@@ -20,7 +20,8 @@ from colo.adapters import Adapter
 from colo.checkpoint import Checkpoint, export_peft, load_checkpoint, save_checkpoint
 from colo.config import Config
 from colo.default_model import resolve_model
-from colo.errors import CheckpointError, InvalidRequestError, UnknownAdapterError
+from colo.distributed import Ranks
+from colo.errors import CheckpointError, ConfigError, InvalidRequestError, UnknownAdapterError
 from colo.model import PolicyModel, resolve_device, resolve_dtype
 from colo.sleep import SleepControl
 from colo.types import (AdamParams, Datum, ForwardBackwardOutput, LoraConfig, OptimStepOutput, SampleJob,
@@ -42,6 +43,11 @@ class Trainer:
             config = Config(**{**config.model_dump(), **overrides})
         self.config = config
         device = resolve_device(config.device)
+        self.ranks = Ranks.from_env(device, config.collective_timeout_seconds)
+        if self.ranks.world > 1:
+            if device.type == "cuda":
+                device = torch.device("cuda", self.ranks.local_rank)
+            config = self.config = _one_engine_per_rank(config)
         self.model_path = resolve_model(config.model, config.model_cache_dir)
         self.policy = PolicyModel(self.model_path, device, resolve_dtype(config.dtype, device),
                                   config.microbatch_tokens, config.gradient_checkpointing)
@@ -109,6 +115,7 @@ class Trainer:
         check_adam(adam)
         self.sleep.before_training()
         params = list(state.params.values())
+        self.ranks.sum_gradients(params)  # each rank holds the gradient of its share of the data
         grads = [p.grad for p in params if p.grad is not None]
         grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         if not math.isfinite(grad_norm):
@@ -152,7 +159,11 @@ class Trainer:
             raise InvalidRequestError("prompts is empty; allowed: a list of at least one prompt (token ids)")
         requests = [self._sample_request(job, i) for i, job in enumerate(jobs)]
         self.sleep.before_sampling()
-        return self.engine.sample(requests)
+        if self.ranks.world == 1:
+            return self.engine.sample(requests)
+        mine = self.ranks.share([r.num_samples * (len(r.prompt) + r.params.max_tokens) for r in requests])
+        results = self.engine.sample([requests[i] for i in mine]) if mine else []
+        return self.ranks.gather(dict(zip(mine, results)), len(requests))
 
     def check_sample_job(self, job: SampleJob) -> None:
         """Raise the error ``sample_batch`` would raise for this job alone."""
@@ -188,7 +199,7 @@ class Trainer:
         ckpt = Checkpoint(lora=state.lora, seed=state.seed, version=state.version, base_model=self.model_path,
                           weights={k: p.data for k, p in state.params.items()},
                           optimizer=state.optimizer_tensors() if optimizer else {})
-        return str(save_checkpoint(path, ckpt))
+        return self._on_main(lambda: str(save_checkpoint(path, ckpt)))
 
     def load_state(self, path: str | os.PathLike, adapter: str | None = None, optimizer: bool = True) -> str:
         """Load a checkpoint into a new adapter (or over ``adapter``, which must have the same shape).
@@ -220,8 +231,8 @@ class Trainer:
     def export_adapter(self, adapter: str, path: str | os.PathLike) -> str:
         """Write a plain PEFT adapter directory (``PeftModel.from_pretrained``, ``vllm --lora-modules``)."""
         state = self._adapter(adapter)
-        return str(export_peft(path, self.policy.peft_config(state.lora),
-                               {k: p.data for k, p in state.params.items()}))
+        return self._on_main(lambda: str(export_peft(path, self.policy.peft_config(state.lora),
+                                                     {k: p.data for k, p in state.params.items()})))
 
     def set_engine(self, engine: str, **overrides) -> None:
         """Sample through another engine from now on (say, after a server died); every adapter's newest
@@ -253,6 +264,14 @@ class Trainer:
 
     def close(self) -> None:
         self.engine.shutdown()
+        self.ranks.close()
+
+    def _on_main(self, write):
+        """Files are written once, by rank 0; every rank returns when they are there. (Ranks hold the same
+        adapters, so rank 0's copy is everyone's.)"""
+        if self.ranks.world == 1:
+            return write()
+        return self.ranks.gather({0: write()} if self.ranks.main else {}, 1)[0]
 
     def __enter__(self) -> Trainer:
         return self
@@ -331,11 +350,13 @@ class Trainer:
         check_data(data, spec, loss_fn, self.policy.vocab_size, self.max_len, self.config.max_request_tokens)
         reclaimed = self.sleep.before_training() if backward else None
         device = self.policy.device
-        logprobs: list[torch.Tensor] = [torch.empty(0)] * len(data)
+        logprobs: dict[int, torch.Tensor] = {}
         total = torch.zeros((), device=device)
+        mine = self.ranks.share([len(d.model_input) for d in data])  # every datum, on one rank
         # the loss is a sum over data, so each micro-batch's backward adds its share of the gradient
         with self.policy.active(adapter, train=backward) as model:
-            for group in self.policy.micro_batches([len(d.model_input) for d in data]):
+            for local in self.policy.micro_batches([len(data[i].model_input) for i in mine]):
+                group = [mine[j] for j in local]
                 batch = [data[i] for i in group]
                 lps = self.policy.token_logprobs(model, [d.model_input for d in batch],
                                                  [d.loss_fn_inputs["target_tokens"].tolist() for d in batch])
@@ -348,10 +369,24 @@ class Trainer:
                 if backward:
                     loss.backward()
                 total += loss.detach()
-        metrics = {"loss:sum": float(total.detach())}
+        metrics = {"loss:sum": self.ranks.sum(float(total.detach()))}
         if reclaimed is not None:
             metrics["engine_sleep_reclaimed_bytes:sum"] = float(reclaimed)
         return ForwardBackwardOutput(
-            loss_fn_outputs=[{"logprobs": lp.cpu()} for lp in logprobs],
+            loss_fn_outputs=[{"logprobs": lp} for lp in self.ranks.gather({i: lp.cpu() for i, lp in logprobs.items()},
+                                                                          len(data))],
             metrics=metrics,
         )
+
+
+def _one_engine_per_rank(config: Config) -> Config:
+    """Under several ranks each samples from its own model: the pytorch engine. vLLM per rank (one engine
+    each, or tensor-parallel groups) is not built yet."""
+    if config.engine == "auto":
+        log.info("colo: %s ranks: the pytorch engine samples on each rank", os.environ.get("WORLD_SIZE"))
+        return Config(**{**config.model_dump(), "engine": "pytorch"})
+    if config.engine != "pytorch":
+        raise ConfigError(f"COLO_ENGINE={config.engine!r} under torchrun with WORLD_SIZE={os.environ.get('WORLD_SIZE')}; "
+                          "allowed with several ranks: pytorch (or auto, which picks it); vLLM and server engines "
+                          "run with one rank")
+    return config

@@ -14,6 +14,7 @@ a plot and the held-out accuracy before and after training.
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
 from dataclasses import asdict, dataclass
@@ -101,16 +102,21 @@ def main() -> None:
     train, held_out = split_questions(settings.max_operand, settings.held_out, rng)
 
     trainer = Trainer.from_env()
+    # under torchrun with several ranks every rank runs this same script (the Trainer splits the work and
+    # returns the same results everywhere); rank 0 alone prints and writes files
+    main_rank = trainer.ranks.main
+    say = print if main_rank else (lambda *_: None)
     adapter = trainer.create_lora(rank=settings.rank, seed=settings.seed)
-    print(f"engine {trainer.engine.name}, model {trainer.model_path}, {len(train)} training and "
+    say(f"engine {trainer.engine.name}, model {trainer.model_path}, {len(train)} training and "
           f"{len(held_out)} held-out questions")
 
     before = accuracy(trainer, adapter, held_out, settings.max_tokens)
     evals = [(0, before)]
-    print(f"held-out accuracy before training: {before:.1%}")
+    say(f"held-out accuracy before training: {before:.1%}")
 
     rows = []
-    with open(out / "metrics.jsonl", "w") as log, tqdm(range(1, settings.steps + 1), desc="GRPO", unit="step") as bar:
+    with open(out / "metrics.jsonl" if main_rank else os.devnull, "w") as log, \
+            tqdm(range(1, settings.steps + 1), desc="GRPO", unit="step", disable=not main_rank) as bar:
         for step in bar:
             row = train_step(trainer, adapter, rng.sample(train, settings.questions_per_step), settings, step)
             if step % settings.eval_every == 0 or step == settings.steps:
@@ -123,11 +129,13 @@ def main() -> None:
                             sample=f"{row['sample_seconds']:.1f}s", train=f"{row['train_seconds']:.1f}s")
 
     after = evals[-1][1]
+    trainer.close()
+    if not main_rank:
+        return
     plot(rows, evals, out / "reward_accuracy.png")
     summary = {"held_out_accuracy_before": before, "held_out_accuracy_after": after,
                "gain_points": 100 * (after - before), "settings": asdict(settings)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    trainer.close()
     print(f"held-out accuracy: {before:.1%} before, {after:.1%} after ({100 * (after - before):+.1f} points)")
     print(f"metrics: {out / 'metrics.jsonl'}  plot: {out / 'reward_accuracy.png'}")
 

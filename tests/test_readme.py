@@ -39,7 +39,7 @@ OTHER_VALUES = {
     "COLO_VLLM_ENGINE_ARGS": ('{"max_num_seqs": 8}', {"max_num_seqs": 8}),
     "COLO_VLLM_KV_CACHE_DTYPE": ("fp8", "fp8"), "COLO_VLLM_PREFIX_CACHING": ("false", False),
     "COLO_VLLM_MAX_NUM_SEQS": ("64", 64), "COLO_VLLM_MAX_NUM_BATCHED_TOKENS": ("8192", 8192),
-    "COLO_PYTORCH_COMPILE": ("on", "on"), "COLO_VLLM_ENFORCE_EAGER": ("true", True), "COLO_VLLM_QUANTIZATION": ("fp8", "fp8"),
+    "COLO_PYTORCH_COMPILE": ("on", "on"), "COLO_COLLECTIVE_TIMEOUT_SECONDS": ("30", 30.0), "COLO_VLLM_ENFORCE_EAGER": ("true", True), "COLO_VLLM_QUANTIZATION": ("fp8", "fp8"),
     "COLO_VLLM_ATTENTION_BACKEND": ("FLASH_ATTN", "FLASH_ATTN"), "COLO_STALL_SECONDS": ("30", 30.0),
 }
 
