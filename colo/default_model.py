@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -89,9 +90,13 @@ def link_into_hub_cache(model_dir: Path, repo_id: str, hub_cache: str | Path | N
         if not f.is_file() or f.name == _DONE or (link.is_symlink() and link.resolve() == f.resolve()):
             continue
         link.unlink(missing_ok=True)  # ours, pointing at another model cache
-        link.symlink_to(f.resolve())
+        try:
+            link.symlink_to(f.resolve())
+        except FileExistsError:  # another process (a second rank) made it in between
+            if link.resolve() != f.resolve():
+                raise
     ref.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ref.with_name(f".main.tmp-{revision[:8]}")
+    tmp = ref.with_name(f".main.tmp-{os.getpid()}")  # one per process: ranks starting together each write their own
     tmp.write_text(revision)
     tmp.replace(ref)
     return snapshot
