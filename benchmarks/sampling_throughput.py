@@ -5,7 +5,9 @@ Sides (``--sides``), all in this one process, one configuration after the other:
 - ``pytorch``: colo's pytorch engine (samples from the training model itself);
 - ``vllm``: colo's in-process vLLM engine (not on a machine without vLLM);
 - ``generate``: ``generate(do_sample=True)`` through the same PEFT model, the Hugging Face reference
-  (dynamic cache; four adapters through PEFT's ``adapter_names``).
+  (dynamic cache; four adapters through PEFT's ``adapter_names``);
+- ``pytorch`` before: the pytorch engine of an older commit (``--before``, checked out into a temporary
+  git worktree and measured first, in a process of its own, by this same script).
 
 Each cell: N chat prompts ("What is a + b?"), one sample each, 64 new tokens at most, temperature 1,
 seeded; generated tokens per second of wall time and milliseconds per decode step, median over the
@@ -13,14 +15,19 @@ repeats (range in brackets), after a warm-up of each shape. For the pytorch engi
 logprobs it reports and the trainer's own logprobs of the same tokens is measured on the last run.
 
     .venv/bin/python benchmarks/sampling_throughput.py [--repeats 3] [--prompts 8,32,128]
-        [--sides pytorch,vllm,generate] [--device cpu|cuda] [--model PATH]
+        [--sides pytorch,vllm,generate] [--device cpu|cuda] [--model PATH] [--before 5316fd7]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -107,6 +114,27 @@ def logprob_gap(trainer: Trainer, run) -> tuple[float, float]:
     return statistics.mean(gaps), max(gaps)
 
 
+def measure_before(args) -> dict[str, list[float]]:
+    """The pytorch engine of commit ``args.before``: this script run in a worktree of it, pytorch side only."""
+    root = Path(__file__).resolve().parents[1]
+    tree = Path(tempfile.mkdtemp(prefix="colo-before-")) / "tree"
+    subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tree), args.before], check=True,
+                   capture_output=True)
+    try:
+        script = tree / "benchmarks" / "sampling_throughput_now.py"  # this script, importing the old colo
+        shutil.copy(__file__, script)
+        out = tree / "before.json"
+        command = [sys.executable, str(script), "--sides", "pytorch", "--prompts", args.prompts, "--repeats",
+                   str(args.repeats), "--device", args.device, "--before", "", "--json", str(out)]
+        if args.model:
+            command += ["--model", args.model]
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        subprocess.run(command, check=True, env=env)
+        return json.loads(out.read_text())
+    finally:
+        subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)], capture_output=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -115,7 +143,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model", default=None, help="a model folder (default: colo's default model)")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
+    parser.add_argument("--before", default="5316fd7",
+                        help="the commit whose pytorch engine is measured as 'before' ('' to skip)")
+    parser.add_argument("--json", help=argparse.SUPPRESS)  # where a 'before' run leaves its figures
     args = parser.parse_args()
+    before = measure_before(args) if args.before and "pytorch" in args.sides.split(",") else {}
     sizes = [int(x) for x in args.prompts.split(",")]
     sides = args.sides.split(",")
     extra = {"model": args.model} if args.model else {}
@@ -139,7 +171,7 @@ def main() -> None:
             torch.cuda.synchronize()
         return run(trainer, names[engines[side]][:mix], batch)
 
-    rows = []
+    rows, figures = [], {}
     for n in sizes:
         for mix in (1, 4):
             cell: dict[str, tuple[float, float, float, float]] = {}
@@ -158,9 +190,16 @@ def main() -> None:
                 print(f"{n} prompts, {mix} adapter(s), {side}: {cell[side][0]:.0f} tok/s "
                       f"({cell[side][1]:.0f}-{cell[side][2]:.0f}), {cell[side][3]:.1f} ms/step{peak}", flush=True)
             row: list[object] = [n, mix]
+            if before:
+                median, low, high, ms = before[f"{n},{mix}"]
+                row.append(f"{median:.0f} ({low:.0f}-{high:.0f}), {ms:.1f} ms")
             for side in sides:
                 median, low, high, ms = cell[side]
                 row.append(f"{median:.0f} ({low:.0f}-{high:.0f}), {ms:.1f} ms")
+            if before:
+                row.append(f"{cell['pytorch'][0] / before[f'{n},{mix}'][0]:.2f}x")
+            if args.json:
+                figures[f"{n},{mix}"] = cell["pytorch"]
             if "pytorch" in cell:
                 for side in sides:
                     if side != "pytorch":
@@ -169,7 +208,11 @@ def main() -> None:
             rows.append(row)
     for t in trainers.values():
         t.close()
-    headers = ["prompts", "adapters mixed"] + [f"{s} tok/s, ms/step" for s in sides]
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures))
+        return
+    headers = ["prompts", "adapters mixed"] + ([f"pytorch before ({args.before}) tok/s, ms/step"] if before else [])
+    headers += [f"{s} tok/s, ms/step" for s in sides] + (["pytorch / before"] if before else [])
     if "pytorch" in sides:
         headers += [f"pytorch / {s}" for s in sides if s != "pytorch"] + ["pytorch logprob gap mean / max"]
     print(table(headers, rows))
@@ -189,7 +232,7 @@ Machine: {machine()}.
 
 {table(headers, rows)}
 
-Command: `.venv/bin/python benchmarks/sampling_throughput.py --repeats {args.repeats} --prompts {args.prompts} --sides {args.sides}`
+Command: `LD_PRELOAD=$(.venv/bin/colo allocator) .venv/bin/python benchmarks/sampling_throughput.py --repeats {args.repeats} --prompts {args.prompts} --sides {args.sides} --before {args.before}`
 """)
 
 
