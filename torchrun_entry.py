@@ -1,4 +1,4 @@
-"""The service: ``torchrun --nproc_per_node=1 torchrun_entry.py``.
+"""The service: ``torchrun --nproc_per_node=1 torchrun_entry.py`` (or N ranks: rank 0 serves, the others follow).
 
 Reads the ``COLO_*`` configuration (a bad value stops here, with one line), builds the Trainer with
 its engine, and serves the Tinker API on COLO_HOST:COLO_PORT (127.0.0.1:8000 by default) until
@@ -7,19 +7,12 @@ the queued ones with an error, and releases the engine; checkpoints are written 
 is left half-written.
 """
 
-import os
+import signal
 import sys
 
 
 def main() -> int:
     from colo.errors import ConfigError
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # serving from rank 0 while driving the other ranks in lock step is not built yet: binding the
-        # port on every rank, or training on one, would be wrong without saying so
-        print(f"colo: the service runs with one rank (torchrun --nproc_per_node=1); WORLD_SIZE is "
-              f"{os.environ['WORLD_SIZE']}. Scripts run on several ranks (README: Several ranks).", file=sys.stderr)
-        return 2
 
     try:
         from colo.service.checkpoint_store import CheckpointStore
@@ -41,6 +34,17 @@ def main() -> int:
     from colo.trainer import Trainer
 
     trainer = Trainer(config)
+    if trainer.ranks.world > 1:
+        # rank 0 serves; the others make the same Trainer calls in lock step (colo/service/lockstep.py)
+        from colo.service import lockstep
+
+        group = lockstep.channel()
+        if not trainer.ranks.main:
+            # torchrun passes SIGTERM to every rank: a follower stops when rank 0 closes, not before
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            lockstep.follow(trainer, group)
+            return 0
+        trainer = lockstep.Leader(trainer, group)
     service = Service(trainer, tenants, CheckpointStore(config.checkpoint_dir))
     if tenants.open and config.host not in ("127.0.0.1", "localhost", "::1"):
         logging.warning("colo: serving %s with no COLO_API_KEYS: anyone who reaches it can train and sample",

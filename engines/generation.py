@@ -94,6 +94,7 @@ def generate(
                 # torch.matmul multiplies by copying the whole weight once per row
                 logits_to_keep=torch.tensor([width - 1], device=device))
     position = positions[:, -1:]
+    column = torch.tensor([width], device=device)  # the cache column each decode step writes, kept on the device
     checked = 0  # steps whose tokens the host has searched for stop strings
     for t in range(steps):
         raw = torch.log_softmax(out.logits[:, -1, :], dim=-1, dtype=torch.float32)
@@ -112,11 +113,11 @@ def generate(
                 done = done | stopped
             if bool(done.all()):
                 break
-        column = width + t
-        mask[:, column] = 1
+        mask[:, width + t] = 1
         position = position + 1
         out = decode(input_ids=chosen.unsqueeze(-1), attention_mask=mask, position_ids=position,
-                     past_key_values=cache, cache_position=torch.tensor([column], device=device), use_cache=True)
+                     past_key_values=cache, cache_position=column, use_cache=True)
+        column = column + 1  # a new tensor: a compiled step may hold on to the one it was given
 
     tokens, logprobs, lengths, stopped = tokens.tolist(), logprobs.tolist(), lengths.tolist(), stopped.tolist()
     for b, r in enumerate(rows):

@@ -22,12 +22,12 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, ranks: int = 1) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         full_env = {**os.environ, **env, "COLO_HOST": "127.0.0.1", "COLO_PORT": str(self.port)}
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+        torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
                     "--master_port", str(free_port())]
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(torchrun + [str(ROOT / "torchrun_entry.py")], cwd=ROOT, env=full_env,

@@ -79,7 +79,7 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
         body = tinker_wire.decompress(await rq.body(request), request.headers.get("content-encoding"))
         call = tinker_wire.parse_forward_backward(body)
         m = svc.state.model(tenant, call.model_id)
-        verb = Trainer.forward if call.forward_only else Trainer.forward_backward
+        verb = "forward" if call.forward_only else "forward_backward"
 
         def run(trainer: Trainer):
             if call.loss_fn == "stable_reinforce":
@@ -96,7 +96,7 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
                     # the loss weighs by what the sampler really computed, not by what the client sent
                     d.loss_fn_inputs["logprobs"] = svc.stability.sampler_logprobs(
                         tenant, i, targets.tolist(), advantages, spans)
-            return verb(trainer, m.adapter, call.data, call.loss_fn, call.loss_fn_config)
+            return getattr(trainer, verb)(m.adapter, call.data, call.loss_fn, call.loss_fn_config)
 
         return svc.ordered(tenant, m, call.seq_id, run,
                            lambda out: (tinker_wire.forward_backward_output(out), "proto"))
