@@ -81,7 +81,7 @@ class Config(BaseSettings):
                         "waking reloads the weights from disk (less host memory, slower wake)."))
     tensor_parallel_size: int = Field(1, ge=1, description=(
         "vLLM tensor parallel size; under torchrun it must equal the number of processes (vLLM's ranks are "
-        "torchrun's)."))
+        "torchrun's): with several ranks and COLO_ENGINE=vllm, one engine spans them all."))
     vllm_kv_cache_dtype: str = Field("auto", description=(
         "vllm engine: KV cache dtype (`auto`: the model's; `fp8` halves its memory on GPUs that have it)."))
     vllm_prefix_caching: bool = Field(True, description=(

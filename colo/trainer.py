@@ -159,8 +159,8 @@ class Trainer:
             raise InvalidRequestError("prompts is empty; allowed: a list of at least one prompt (token ids)")
         requests = [self._sample_request(job, i) for i, job in enumerate(jobs)]
         self.sleep.before_sampling()
-        if self.ranks.world == 1:
-            return self.engine.sample(requests)
+        if self.ranks.world == 1 or self.config.engine == "vllm":
+            return self.engine.sample(requests)  # one rank, or one tensor-parallel engine that every rank drives
         mine = self.ranks.share([r.num_samples * (len(r.prompt) + r.params.max_tokens) for r in requests])
         results = self.engine.sample([requests[i] for i in mine]) if mine else []
         return self.ranks.gather(dict(zip(mine, results)), len(requests))
@@ -380,13 +380,14 @@ class Trainer:
 
 
 def _one_engine_per_rank(config: Config) -> Config:
-    """Under several ranks each samples from its own model: the pytorch engine. vLLM per rank (one engine
-    each, or tensor-parallel groups) is not built yet."""
+    """Under several ranks each rank samples from its own model (the pytorch engine), or one vLLM engine
+    spans all ranks, tensor parallel (COLO_TENSOR_PARALLEL_SIZE = WORLD_SIZE, as TRL's colocate mode runs it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if config.engine == "auto":
-        log.info("colo: %s ranks: the pytorch engine samples on each rank", os.environ.get("WORLD_SIZE"))
+        log.info("colo: %d ranks: the pytorch engine samples on each rank", world)
         return Config(**{**config.model_dump(), "engine": "pytorch"})
-    if config.engine != "pytorch":
-        raise ConfigError(f"COLO_ENGINE={config.engine!r} under torchrun with WORLD_SIZE={os.environ.get('WORLD_SIZE')}; "
-                          "allowed with several ranks: pytorch (or auto, which picks it); vLLM and server engines "
-                          "run with one rank")
-    return config
+    if config.engine == "pytorch" or (config.engine == "vllm" and config.tensor_parallel_size == world):
+        return config
+    raise ConfigError(f"COLO_ENGINE={config.engine!r} with COLO_TENSOR_PARALLEL_SIZE={config.tensor_parallel_size} under "
+                      f"torchrun with WORLD_SIZE={world}; allowed with several ranks: pytorch (or auto, which picks it), "
+                      f"or vllm with COLO_TENSOR_PARALLEL_SIZE={world} (one engine across all ranks)")

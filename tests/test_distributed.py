@@ -55,6 +55,7 @@ def test_adapters_are_bitwise_equal_across_ranks_and_equal_to_one_process(runs):
     assert two0["losses"] == two1["losses"]
     assert two0["logprob_lengths"] == one["logprob_lengths"]
     assert two0["version"] == two1["version"] == one["version"] == 3
+    assert two0["logprob_gap"] < 1e-4 and one["logprob_gap"] < 1e-4
 
 
 def test_split_sampling_comes_back_in_order_with_the_right_versions(runs):
@@ -66,6 +67,19 @@ def test_split_sampling_comes_back_in_order_with_the_right_versions(runs):
     # seeded draws depend on the seed and sample number only: the same tokens as one process,
     # which sampled every request itself (float32 weights equal within 1e-5)
     assert [s["tokens"] for s in two0["samples"]] == [s["tokens"] for s in one["samples"]]
+
+
+def test_one_vllm_engine_tensor_parallel_across_the_two_ranks(tiny_model_dir, tmp_path):
+    """COLO_ENGINE=vllm with COLO_TENSOR_PARALLEL_SIZE=2 under 2 ranks: one engine sharded over both
+    (external_launcher), driven by every rank with the same calls; training stays data parallel."""
+    proc = _run(tiny_model_dir, tmp_path / "tp", 2, "--engine", "vllm")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (r0, w0), (r1, w1) = _load(tmp_path / "tp", 0), _load(tmp_path / "tp", 1)
+    assert r0["engine"] == r1["engine"] == "vllm"
+    assert r0["samples"] == r1["samples"]
+    assert [s["version"] for s in r0["samples"]] == [None if i % 3 == 0 else 3 for i in range(len(r0["samples"]))]
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert r0["logprob_gap"] < 1e-3 and r1["logprob_gap"] < 1e-3  # float32, the newest version on both shards
 
 
 def test_the_checkpoint_is_written_once_by_rank_zero(runs):

@@ -1,6 +1,6 @@
 """SPMD training and sampling, run as ``python`` (one rank) or ``torchrun --nproc_per_node=N`` (N ranks).
 
-    data_parallel.py MODEL_DIR OUT_DIR [--die-after-step K | --hang-after-step K] [--timeout SECONDS]
+    data_parallel.py MODEL_DIR OUT_DIR [--die-after-step K | --hang-after-step K] [--timeout SECONDS] [--engine vllm]
 
 Every rank makes the same calls; each writes what it ended with to OUT_DIR/rank-R.json and
 OUT_DIR/rank-R.pt (its adapter's weights), and the Trainer writes the checkpoint once.
@@ -28,8 +28,9 @@ def flag(name: str, default=None):
 die_after, hang_after, timeout = flag("--die-after-step"), flag("--hang-after-step"), flag("--timeout", 60)
 rank = int(os.environ.get("RANK", "0"))
 
-trainer = Trainer(model=model_dir, engine="pytorch", dtype="float32", device="cpu", max_lora_rank=16,
-                  collective_timeout_seconds=timeout)
+engine = sys.argv[sys.argv.index("--engine") + 1] if "--engine" in sys.argv else "pytorch"
+trainer = Trainer(model=model_dir, engine=engine, dtype="float32", device="cpu", max_lora_rank=16,
+                  collective_timeout_seconds=timeout, tensor_parallel_size=int(os.environ.get("WORLD_SIZE", "1")) if engine == "vllm" else 1)
 tok = trainer.tokenizer
 texts = ["the cat sat on the mat", "one two three four five six seven", "hello world", "a b c d e f g h i j",
          "red green blue", "what is the answer to this question please", "x y"]
@@ -48,11 +49,16 @@ for step in range(3):
 
 jobs = [SampleJob(adapter if i % 3 else None, tok.encode(t), 2, SamplingParams(max_tokens=6, seed=i))
         for i, t in enumerate(texts)]
+results = trainer.sample_batch(jobs)
 samples = [{"adapter": r.adapter, "version": r.adapter_version, "tokens": [s.tokens for s in r.sequences]}
-           for r in trainer.sample_batch(jobs)]
+           for r in results]
+# the sampler's logprobs against the trainer's own, on every rank (the contract importance sampling needs)
+gap = max(abs(a - b) for job, r in zip(jobs, results) for seq in r.sequences
+          for a, b in zip(trainer.compute_logprobs(job.adapter, list(job.prompt) + seq.tokens)[len(job.prompt):],
+                          seq.logprobs))
 saved = trainer.save_state(adapter, out / "checkpoint.safetensors")
 (out / f"rank-{rank}.json").write_text(json.dumps({
     "world": trainer.ranks.world, "losses": losses, "logprob_lengths": logprob_lengths, "samples": samples,
-    "saved": saved, "version": trainer.version(adapter)}))
+    "saved": saved, "version": trainer.version(adapter), "engine": trainer.engine.name, "logprob_gap": gap}))
 torch.save({k: p.detach().clone() for k, p in trainer.adapters[adapter].params.items()}, out / f"rank-{rank}.pt")
 trainer.close()
