@@ -75,7 +75,7 @@ def train_step(trainer: Trainer, adapter: str, questions, settings: Settings, st
 
 # ---- the run ----------------------------------------------------------------------------------
 
-def plot(rows: list[dict], evals: list[tuple[int, float]], path: Path) -> None:
+def plot(rows: list[dict], evals: list[tuple[int, float]], path: Path, engine: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,7 +86,7 @@ def plot(rows: list[dict], evals: list[tuple[int, float]], path: Path) -> None:
     ax.plot([s for s, _ in evals], [a for _, a in evals], "o-", label="held-out accuracy (greedy)")
     ax.set_xlabel("step")
     ax.set_ylim(0, 1)
-    ax.set_title("GRPO on addition, SmolLM2-135M-Instruct + LoRA (colocated vLLM)")
+    ax.set_title(f"GRPO on addition, SmolLM2-135M-Instruct + LoRA ({engine} engine)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -129,10 +129,11 @@ def main() -> None:
                             sample=f"{row['sample_seconds']:.1f}s", train=f"{row['train_seconds']:.1f}s")
 
     after = evals[-1][1]
+    engine = trainer.engine.name
     trainer.close()
     if not main_rank:
         return
-    plot(rows, evals, out / "reward_accuracy.png")
+    plot(rows, evals, out / "reward_accuracy.png", engine)
     summary = {"held_out_accuracy_before": before, "held_out_accuracy_after": after,
                "gain_points": 100 * (after - before), "settings": asdict(settings)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
