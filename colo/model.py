@@ -65,6 +65,7 @@ class PolicyModel:
         self.vocab_size: int = base.get_input_embeddings().num_embeddings
         self.max_positions: int = getattr(base.config, "max_position_embeddings", 1 << 30)
         self.num_layers: int = getattr(base.config, "num_hidden_layers", 0)
+        self.architecture: str = next(iter(getattr(base.config, "architectures", None) or []), "unknown")
         self.pad_token_id: int = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_token_ids: frozenset[int] = _eos_ids(base, self.tokenizer)
         self._modules = _linear_modules(base)

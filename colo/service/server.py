@@ -47,7 +47,7 @@ class Service:
         self.base_names = {self.model_name, configured, trainer.model_path}
         if default_model.is_default(configured):
             self.base_names.add(default_model.NAME)
-        self.arch = next(iter(trainer.policy._base.config.architectures or []), "unknown")
+        self.arch = trainer.policy.architecture
         self._seen: dict[str, dict[int, str]] = {}  # model_id -> seq_id -> request_id, for retried POSTs
         self._seen_lock = threading.Lock()
         self.stopping = False
