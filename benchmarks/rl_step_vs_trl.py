@@ -1,7 +1,7 @@
 """GRPO step time, equal work: colo's ``grpo_step`` (colocated vLLM sampler) vs TRL's ``GRPOTrainer``.
 
 Task: "What is a + b? Answer with just the number." (a, b in 0..19), reward 1 for the right sum
-(``colo.arithmetic_task``). Each step: 8 questions x 8 samples, at most 12 new tokens, temperature 1,
+(``colo.recipes.arithmetic_task``). Each step: 8 questions x 8 samples, at most 12 new tokens, temperature 1,
 no top-p/top-k, stop at a newline; group-centred advantages without std scaling; no KL term; one
 optimizer step per batch; LoRA rank 16 (alpha 16) on every attention and MLP projection; AdamW lr 5e-4,
 betas (0.9, 0.95), eps 1e-8, no weight decay, no clipping. Both sides see the same questions in the
@@ -73,7 +73,7 @@ TRL_PRECISION = {  # --trl-precision: (weights dtype, GRPOConfig.bf16)
 
 
 def question_stream(seed: int, steps: int) -> list[list[tuple[int, int]]]:
-    from colo.arithmetic_task import split_questions
+    from colo.recipes.arithmetic_task import split_questions
 
     rng = random.Random(seed)
     train, _ = split_questions(MAX_OPERAND, HELD_OUT, rng)
@@ -95,8 +95,8 @@ def run_colo(args) -> dict:
     import torch
 
     from colo import AdamParams, SamplingParams, Trainer
-    from colo.arithmetic_task import prompt_tokens, reward
-    from colo.rl import grpo_step
+    from colo.recipes.arithmetic_task import prompt_tokens, reward
+    from colo.recipes.rl import grpo_step
 
     engine = "vllm"
     if args.device == "cuda":
@@ -142,7 +142,7 @@ def run_trl(args) -> dict:
     from trl import GRPOConfig, GRPOTrainer
     from trl.extras import profiling
 
-    from colo.arithmetic_task import question, reward
+    from colo.recipes.arithmetic_task import question, reward
     from colo.default_model import resolve_model
 
     if args.device == "cuda":
@@ -350,7 +350,7 @@ def main() -> None:
 
 {MODEL}, GRPO steps of {QUESTIONS} questions x {GROUP} samples, at most {MAX_TOKENS} new tokens, temperature 1, both
 stopping at a newline; LoRA rank {RANK} on all attention and MLP projections, AdamW lr {LR} (betas 0.9/0.95, eps 1e-8),
-no KL, group-centred advantages without std scaling, same questions in the same order. colo: `colo.rl.grpo_step`
+no KL, group-centred advantages without std scaling, same questions in the same order. colo: `colo.recipes.rl.grpo_step`
 with the `{colo_engine}` engine, {args.colo_dtype}, `importance_sampling` loss, training every sequence
 (`skip_constant_groups=False`), its defaults otherwise (micro-batches of 4096 tokens, gradient checkpointing on). TRL {runs['trl'][0]['trl']}: `GRPOTrainer` with its own `generate`, {trl_precision},
 `loss_type="dr_grpo"`, `scale_rewards="none"`, `beta=0`, no gradient checkpointing, no continuous batching (tried:

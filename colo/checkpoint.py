@@ -1,9 +1,9 @@
-"""Checkpoints and exported adapters, written so that a crash mid-write loses nothing.
+"""Checkpoints, written so that a crash mid-write loses nothing.
 
 A checkpoint is one safetensors file holding the adapter's weights, its AdamW state and a JSON
 header: written to a temporary file beside the target, flushed to disk, then renamed over the
 target (atomic on POSIX), so the previous checkpoint stays loadable until the new one is whole.
-Nothing in it is pickled. An export is a plain PEFT directory, swapped in the same way.
+Nothing in it is pickled. Exported adapters (plain PEFT directories) are ``colo.peft_files``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
-import tempfile
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from colo.durable import fsync
 from colo.errors import CheckpointError
 from colo.types import LoraConfig
 
@@ -54,9 +53,9 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
         tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
         try:
             save_file(tensors, str(tmp), metadata=header)
-            _fsync(tmp)
+            fsync(tmp)
             os.replace(tmp, target)
-            _fsync(target.parent)
+            fsync(target.parent)
         finally:
             tmp.unlink(missing_ok=True)
     except OSError as e:
@@ -96,43 +95,3 @@ def read_lora(path: str | os.PathLike) -> LoraConfig | None:
         return LoraConfig(**json.loads(header["lora"])) if header.get("format") == FORMAT else None
     except Exception:  # a file being replaced, truncated or foreign: no header to report
         return None
-
-
-def export_peft(path: str | os.PathLike, peft_config, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write a directory that ``peft.PeftModel.from_pretrained`` and ``vllm --lora-modules`` load."""
-    target = Path(path).expanduser()
-    if target.exists() and not target.is_dir():
-        raise CheckpointError(f"cannot export to {str(target)!r}: it is a file; allowed: a directory path")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-        try:
-            peft_config.save_pretrained(str(tmp))
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                      str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-            _fsync(tmp / "adapter_model.safetensors")
-            _swap_in(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as e:
-        raise CheckpointError(f"cannot export to {str(target)!r}: {e.strerror or e}") from None
-    return target
-
-
-def _swap_in(new: Path, target: Path) -> None:
-    """Replace directory ``target`` by ``new``; the old one is removed only once the new one is in place."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
-        os.rename(target, old)
-    os.rename(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -158,6 +158,10 @@ class Config(BaseSettings):
         except ValueError as e:  # a TOML file that does not parse
             raise ConfigError(f"COLO_CONFIG={os.environ.get('COLO_CONFIG')!r}: {e}") from None
 
+    def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied, validated as any value is."""
+        return Config(**{**self.model_dump(), **changes})
+
     @classmethod
     def field_docs(cls) -> list[tuple[str, str, str]]:
         """(variable, default, description) for every field: the README's reference is built from it."""

@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def launched_by_torchrun() -> bool:
+    """Started by torchrun (also with one process): an engine with distributed state of its own joins torchrun's."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
 class Ranks:
     def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, timeout_seconds: float = 0.0) -> None:
         self.rank, self.world, self.local_rank = rank, world, local_rank

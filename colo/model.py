@@ -1,7 +1,7 @@
 """The base model, loaded once, with every LoRA adapter attached to it (PEFT multi-adapter).
 
-Both the Trainer and the ``pytorch`` engine work through this object, so there is one copy of the
-base weights. The model stays in eval mode: LoRA dropout is 0 and no layer behaves differently in
+The Trainer trains and scores through this object; the ``pytorch`` engine samples from it through a
+narrow protocol (``engines.pytorch.training_model``), so there is one copy of the base weights. The model stays in eval mode: LoRA dropout is 0 and no layer behaves differently in
 training, which keeps the trainer's logprobs and the sampler's logprobs the same computation.
 """
 
@@ -18,10 +18,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from colo import decode_attention
 from colo.errors import ConfigError
 from colo.microbatches import plan
-from colo.mixed_lora import MixedLora
 from colo.types import LoraConfig
 
 log = logging.getLogger(__name__)
@@ -56,12 +54,10 @@ class PolicyModel:
         self.gradient_checkpointing = gradient_checkpointing
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
         base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-        decode_attention.install(base)
         base.requires_grad_(False)
         base.eval()
         self._base = base
         self._peft: peft.PeftModel | None = None  # created with the first adapter
-        self._mixed = MixedLora(dtype)
         self.vocab_size: int = base.get_input_embeddings().num_embeddings
         self.max_positions: int = getattr(base.config, "max_position_embeddings", 1 << 30)
         self.num_layers: int = getattr(base.config, "num_hidden_layers", 0)
@@ -149,16 +145,13 @@ class PolicyModel:
             yield self._peft
 
     @contextmanager
-    def sampling(self, row_adapters: list[str | None],
-                 fixed: tuple[int, int, int] | None = None) -> Iterator[torch.nn.Module]:
-        """The causal LM for one decode batch whose row b samples from adapter ``row_adapters[b]`` (None:
-        the base model), with the LoRA computed in the base dtype; ``fixed`` = (slots, rank, rows) for
-        compiled decoding (``colo.mixed_lora``)."""
+    def without_adapters(self) -> Iterator[torch.nn.Module]:
+        """The causal LM with PEFT's LoRA switched off; its LoRA layers keep every adapter's weights (the
+        pytorch engine applies each row's adapter itself)."""
         if self._peft is None:
-            assert not any(row_adapters)
             yield self._base
             return
-        with self._peft.disable_adapter(), self._mixed.batch(self._peft, row_adapters, fixed):
+        with self._peft.disable_adapter():
             yield self._peft.get_base_model()
 
     # ---- scoring --------------------------------------------------------------------------------

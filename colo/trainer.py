@@ -2,34 +2,41 @@
 
 Shaped like the Tinker API (create_lora, forward_backward, optim_step, sample), so the HTTP service
 is a thin layer over it. Every method validates its whole request before it changes anything.
+The Trainer owns adapters and their versions: it stamps the version on every sample, and scores
+prompt logprobs with its own model where the engine declares it cannot. Each public method is
+declared ``@collective`` (every torchrun rank makes the call) or ``@local`` (``colo.collective``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
 import os
 import time
+from collections import defaultdict
 from typing import Sequence
 
 import torch
 
 from colo import allocator, capacity
 from colo.adapters import Adapter
-from colo.checkpoint import Checkpoint, export_peft, load_checkpoint, save_checkpoint
+from colo.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from colo.collective import collective, local
 from colo.config import Config
 from colo.default_model import resolve_model
-from colo.distributed import Ranks
-from colo.errors import CheckpointError, ConfigError, InvalidRequestError, UnknownAdapterError
+from colo.distributed import Ranks, launched_by_torchrun
+from colo.errors import CheckpointError, ConfigError, EngineError, InvalidRequestError, UnknownAdapterError
 from colo.model import PolicyModel, resolve_device, resolve_dtype
+from colo.peft_files import write_peft
 from colo.sleep import SleepControl
 from colo.types import (AdamParams, Datum, ForwardBackwardOutput, LoraConfig, OptimStepOutput, SampleJob,
                         SampleResult, SamplingParams)
 from colo.validation import (MAX_SEED, as_tokens, check_adam, check_context, check_data, check_loss, check_sampling,
                              check_tokens)
-from engines.base import AdapterUpdate, AdapterVersion, EngineContext, EngineSettings, SampleRequest
-from engines.registry import create_engine
+from engines.base import AdapterUpdate, AdapterVersion, EngineContext, InferenceEngine, SampleRequest
+from engines.registry import engine_class, engines_for_ranks
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +47,19 @@ class Trainer:
         if config is None:
             config = Config(**overrides)
         elif overrides:
-            config = Config(**{**config.model_dump(), **overrides})
+            config = config.replace(**overrides)
         self.config = config
         device = resolve_device(config.device)
         self.ranks = Ranks.from_env(device, config.collective_timeout_seconds)
-        if self.ranks.world > 1:
-            if device.type == "cuda":
-                device = torch.device("cuda", self.ranks.local_rank)
-            config = self.config = _one_engine_per_rank(config)
+        if self.ranks.world > 1 and device.type == "cuda":
+            device = torch.device("cuda", self.ranks.local_rank)
         self.model_path = resolve_model(config.model, config.model_cache_dir)
         self.policy = PolicyModel(self.model_path, device, resolve_dtype(config.dtype, device),
                                   config.microbatch_tokens, config.gradient_checkpointing)
         self.max_len = min(config.max_model_len, self.policy.max_positions)
         self.adapters: dict[str, Adapter] = {}
         self._ids = itertools.count(1)
-        self.engine = create_engine(config.engine, self._engine_context(config))
-        self.sleep = SleepControl(self.engine, config.sleep_level)
+        self._use_engine(self._start_engine(config), config)
         log.info("colo: model %s on %s (%s), engine %s", self.model_path, device, self.policy.dtype, self.engine.name)
         if device.type == "cpu" and allocator.preloaded() == "glibc malloc":
             log.warning("colo: training on CPU with the C library's malloc, which fragments: peak memory can be "
@@ -72,6 +76,7 @@ class Trainer:
 
     # ---- adapters -------------------------------------------------------------------------------
 
+    @collective
     def create_lora(self, rank: int = 16, alpha: float | None = None, seed: int | None = None,
                     train_attn: bool = True, train_mlp: bool = True, train_unembed: bool = False) -> str:
         lora = LoraConfig(rank=rank, alpha=alpha, train_attn=train_attn, train_mlp=train_mlp,
@@ -84,31 +89,37 @@ class Trainer:
         # without a seed, adapter n of a run is still reproducible from COLO_SEED
         return self._add(f"lora-{n}", lora, seed if seed is not None else self.config.seed * 1_000_003 + n)
 
+    @collective
     def delete_lora(self, adapter: str) -> None:
         self._adapter(adapter)
         self.engine.release(adapter)
         self.policy.delete_adapter(adapter)
         del self.adapters[adapter]
 
+    @local
     def list_loras(self) -> dict[str, int]:
         """Adapter id -> current version."""
         return {a.id: a.version for a in self.adapters.values()}
 
+    @local
     def version(self, adapter: str) -> int:
         return self._adapter(adapter).version
 
     # ---- training -------------------------------------------------------------------------------
 
+    @collective
     def forward(self, adapter: str, data: Sequence[Datum], loss_fn: str = "cross_entropy",
                 loss_fn_config: dict | None = None) -> ForwardBackwardOutput:
         with torch.no_grad():
             return self._run_loss(adapter, data, loss_fn, loss_fn_config, backward=False)
 
+    @collective
     def forward_backward(self, adapter: str, data: Sequence[Datum], loss_fn: str = "cross_entropy",
                          loss_fn_config: dict | None = None) -> ForwardBackwardOutput:
         """Compute the loss (a sum over data and tokens) and add its gradients to the adapter's."""
         return self._run_loss(adapter, data, loss_fn, loss_fn_config, backward=True)
 
+    @collective
     def optim_step(self, adapter: str, adam: AdamParams = AdamParams()) -> OptimStepOutput:
         """One AdamW step on the accumulated gradients; the new version is servable when this returns."""
         state = self._adapter(adapter)
@@ -146,6 +157,7 @@ class Trainer:
 
     # ---- sampling and scoring -------------------------------------------------------------------
 
+    @collective
     def sample(self, adapter: str | None, prompts: Sequence[Sequence[int]], num_samples: int = 1,
                params: SamplingParams = SamplingParams()) -> list[SampleResult]:
         """``num_samples`` completions of each prompt, from ``adapter``'s newest version (None: base model)."""
@@ -153,18 +165,57 @@ class Trainer:
             self._adapter(adapter)
         return self.sample_batch([SampleJob(adapter, p, num_samples, params) for p in prompts])
 
+    @collective
     def sample_batch(self, jobs: Sequence[SampleJob]) -> list[SampleResult]:
         """Jobs of several adapters (and the base model) in one engine call; one result per job."""
         if not jobs:
             raise InvalidRequestError("prompts is empty; allowed: a list of at least one prompt (token ids)")
         requests = [self._sample_request(job, i) for i, job in enumerate(jobs)]
         self.sleep.before_sampling()
-        if self.ranks.world == 1 or self.config.engine == "vllm":
-            return self.engine.sample(requests)  # one rank, or one tensor-parallel engine that every rank drives
+        if self.ranks.world == 1 or self.engine.capabilities.spans_ranks:
+            return self._sample(requests)  # one rank, or one engine across the ranks that every rank drives
         mine = self.ranks.share([r.num_samples * (len(r.prompt) + r.params.max_tokens) for r in requests])
-        results = self.engine.sample([requests[i] for i in mine]) if mine else []
+        results = self._sample([requests[i] for i in mine]) if mine else []
         return self.ranks.gather(dict(zip(mine, results)), len(requests))
 
+    def _sample(self, requests: list[SampleRequest]) -> list[SampleResult]:
+        """The engine's samples, each stamped with the adapter version its request named (engines serve exactly
+        that version); prompt logprobs the engine cannot give are scored here, with the training model."""
+        asked = [i for i, r in enumerate(requests) if r.prompt_logprobs]
+        here = asked if asked and self._scores_prompts() else []
+        sent = [dataclasses.replace(r, prompt_logprobs=False) for r in requests] if here else requests
+        answers = self.engine.sample(sent)
+        if len(answers) != len(requests):
+            raise EngineError(f"the {self.engine.name} engine answered {len(answers)} of {len(requests)} requests")
+        names = [r.adapter.adapter if r.adapter else None for r in requests]
+        scored = dict(zip(here, self._score([(names[i], requests[i].prompt) for i in here])))
+        return [SampleResult(answer.sequences, names[i], r.adapter.version if r.adapter else None,
+                             scored.get(i, answer.prompt_logprobs) if r.prompt_logprobs else None)
+                for i, (r, answer) in enumerate(zip(requests, answers))]
+
+    def _scores_prompts(self) -> bool:
+        """Whether prompt logprobs come from this Trainer's model rather than the engine (its capabilities)."""
+        caps = self.engine.capabilities
+        return not caps.prompt_logprobs or (not caps.unembed_prompt_logprobs and
+                                            any(a.lora.train_unembed for a in self.adapters.values()))
+
+    def _score(self, sequences: list[tuple[str | None, list[int]]]) -> list[list[float | None]]:
+        """logprob of each token of each sequence given those before it (the first has none), one adapter's
+        sequences at a time (None: the base model)."""
+        out: list[list[float | None]] = [[None] for _ in sequences]
+        by_adapter: dict[str | None, list[int]] = defaultdict(list)
+        for i, (adapter, tokens) in enumerate(sequences):
+            if len(tokens) > 1:
+                by_adapter[adapter].append(i)
+        for adapter, indices in by_adapter.items():
+            with self.policy.active(adapter) as model:
+                lps = self.policy.score(model, [sequences[i][1][:-1] for i in indices],
+                                        [sequences[i][1][1:] for i in indices])
+            for i, lp in zip(indices, lps):
+                out[i] = [None, *lp.tolist()]
+        return out
+
+    @local
     def check_sample_job(self, job: SampleJob) -> None:
         """Raise the error ``sample_batch`` would raise for this job alone."""
         self._sample_request(job, 0)
@@ -178,6 +229,7 @@ class Trainer:
         self.engine.check(request)  # what this engine refuses fails this job, not the batch it joins
         return request
 
+    @collective
     def compute_logprobs(self, adapter: str | None, tokens: Sequence[int]) -> list[float | None]:
         """logprob of each token given those before it; the first has none."""
         tokens = as_tokens(tokens, "tokens")
@@ -185,14 +237,11 @@ class Trainer:
             self._adapter(adapter)
         check_tokens(tokens, self.policy.vocab_size, "tokens")
         check_context(len(tokens), self.max_len, "tokens")
-        if len(tokens) == 1:
-            return [None]
-        with self.policy.active(adapter) as model:
-            lp = self.policy.score(model, [tokens[:-1]], [tokens[1:]])[0]
-        return [None, *lp.tolist()]
+        return self._score([(adapter, tokens)])[0]
 
     # ---- persistence ----------------------------------------------------------------------------
 
+    @collective
     def save_state(self, adapter: str, path: str | os.PathLike, optimizer: bool = True) -> str:
         """Write the adapter's weights (and AdamW state) to one file, atomically."""
         state = self._adapter(adapter)
@@ -201,6 +250,7 @@ class Trainer:
                           optimizer=state.optimizer_tensors() if optimizer else {})
         return self._on_main(lambda: str(save_checkpoint(path, ckpt)))
 
+    @collective
     def load_state(self, path: str | os.PathLike, adapter: str | None = None, optimizer: bool = True) -> str:
         """Load a checkpoint into a new adapter (or over ``adapter``, which must have the same shape).
 
@@ -228,16 +278,18 @@ class Trainer:
         self._restore(state, ckpt)
         return adapter_id
 
+    @collective
     def export_adapter(self, adapter: str, path: str | os.PathLike) -> str:
         """Write a plain PEFT adapter directory (``PeftModel.from_pretrained``, ``vllm --lora-modules``)."""
         state = self._adapter(adapter)
-        return self._on_main(lambda: str(export_peft(path, self.policy.peft_config(state.lora),
-                                                     {k: p.data for k, p in state.params.items()})))
+        return self._on_main(lambda: str(write_peft(path, self.policy.peft_config(state.lora).to_dict(),
+                                                    {k: p.data for k, p in state.params.items()})))
 
+    @collective
     def set_engine(self, engine: str, **overrides) -> None:
         """Sample through another engine from now on (say, after a server died); every adapter's newest
         version is published to it. ``overrides`` are config settings, e.g. ``engine_url``."""
-        config = Config(**{**self.config.model_dump(), **overrides, "engine": engine})
+        config = self.config.replace(**{**overrides, "engine": engine})
         old = self.engine
         # the old engine goes first: two vLLM engines cannot share a process (their parallel state and,
         # on CUDA, the sleep allocator are process-wide)
@@ -246,22 +298,34 @@ class Trainer:
         except Exception as e:  # the old engine may be what failed; the Trainer does not depend on it
             log.warning("colo: shutting down engine %s failed: %s", old.name, e)
         try:
-            new = create_engine(engine, self._engine_context(config))
+            new = self._start_engine(config)
         except Exception:
             log.error("colo: engine %s did not start; starting %s again", engine, old.name)
-            self.engine = create_engine(self.config.engine, self._engine_context(self.config))
-            self.sleep = SleepControl(self.engine, self.config.sleep_level)
-            for state in self.adapters.values():
-                self._publish(state)
+            self._use_engine(self._start_engine(self.config), self.config)
             raise
-        self.engine, self.config = new, config
-        self.sleep = SleepControl(new, config.sleep_level)
+        self._use_engine(new, config)
+
+    def _start_engine(self, config: Config) -> InferenceEngine:
+        """The engine ``config`` names, built from what an engine may see; only an engine that samples from the
+        training model itself is handed that model."""
+        cls = engine_class(config.engine, self.ranks.world)
+        caps = cls.capabilities
+        if self.ranks.world > 1 and not (caps.per_rank or caps.spans_ranks):
+            raise ConfigError(f"COLO_ENGINE={config.engine!r} under torchrun with WORLD_SIZE={self.ranks.world}: the "
+                              f"{cls.name} engine runs in one process only; allowed with several ranks: "
+                              f"{', '.join(engines_for_ranks())}")
+        context = EngineContext(cls.settings_class.of(config), self.model_path, self.policy.dtype, self.policy.device,
+                                self.policy.tokenizer, self.max_len, self.ranks.world, launched_by_torchrun())
+        return cls(context, self.policy) if caps.shares_trainer_weights else cls(context)
+
+    def _use_engine(self, engine: InferenceEngine, config: Config) -> None:
+        """Sample through ``engine`` from now on, with every adapter's newest version published to it."""
+        self.engine, self.config = engine, config
+        self.sleep = SleepControl(engine, config.sleep_level)
         for state in self.adapters.values():
             self._publish(state)
 
-    def _engine_context(self, config: Config) -> EngineContext:
-        return EngineContext(EngineSettings.of(config), self.model_path, self.policy, self.max_len)
-
+    @collective
     def close(self) -> None:
         self.engine.shutdown()
         self.ranks.close()
@@ -377,17 +441,3 @@ class Trainer:
                                                                           len(data))],
             metrics=metrics,
         )
-
-
-def _one_engine_per_rank(config: Config) -> Config:
-    """Under several ranks each rank samples from its own model (the pytorch engine), or one vLLM engine
-    spans all ranks, tensor parallel (COLO_TENSOR_PARALLEL_SIZE = WORLD_SIZE, as TRL's colocate mode runs it)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if config.engine == "auto":
-        log.info("colo: %d ranks: the pytorch engine samples on each rank", world)
-        return Config(**{**config.model_dump(), "engine": "pytorch"})
-    if config.engine == "pytorch" or (config.engine == "vllm" and config.tensor_parallel_size == world):
-        return config
-    raise ConfigError(f"COLO_ENGINE={config.engine!r} with COLO_TENSOR_PARALLEL_SIZE={config.tensor_parallel_size} under "
-                      f"torchrun with WORLD_SIZE={world}; allowed with several ranks: pytorch (or auto, which picks it), "
-                      f"or vllm with COLO_TENSOR_PARALLEL_SIZE={world} (one engine across all ranks)")

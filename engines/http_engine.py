@@ -19,10 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar
 
-from colo.checkpoint import export_peft
+from dataclasses import dataclass
+
 from colo.errors import ConfigError, EngineError, InvalidRequestError
-from colo.types import SampleResult
-from engines.base import AdapterUpdate, EngineContext, InferenceEngine, SampleRequest
+from colo.peft_files import write_peft
+from engines.base import AdapterUpdate, EngineContext, EngineSettings, InferenceEngine, SampleRequest, Samples
 from engines.http_client import HTTPJSON
 from engines.versions import Published, VersionTable
 
@@ -31,8 +32,16 @@ log = logging.getLogger(__name__)
 MAX_CONCURRENT_REQUESTS = 64  # the server batches what arrives together
 
 
+@dataclass(frozen=True)
+class HTTPSettings(EngineSettings):
+    engine_url: str | None = None
+    engine_adapter_dir: str | None = None  # where versions are written; the server must read the same path
+    engine_timeout_seconds: float = 300.0
+
+
 class HTTPEngine(InferenceEngine):
     start_command: ClassVar[str]  # shown when COLO_ENGINE_URL is missing
+    settings_class = HTTPSettings
 
     def __init__(self, context: EngineContext) -> None:
         super().__init__(context)
@@ -58,15 +67,12 @@ class HTTPEngine(InferenceEngine):
         """Check once at start-up that the server is up and can serve what colo needs; say what is missing."""
 
     @abstractmethod
-    def sample_one(self, request: SampleRequest, version: Published | None) -> SampleResult:
+    def sample_one(self, request: SampleRequest, version: Published | None) -> Samples:
         """Sample one request (all its samples) on the server."""
 
     def write_adapter(self, update: AdapterUpdate, path: Path) -> None:
         """A PEFT directory, which vLLM and SGLang load as is."""
-        from peft import LoraConfig
-
-        fields = set(LoraConfig.__dataclass_fields__)
-        export_peft(path, LoraConfig(**{k: v for k, v in update.peft_config.items() if k in fields}), update.tensors)
+        write_peft(path, update.peft_config, update.tensors)
 
     def load_adapter(self, version: Published, path: Path) -> None:
         """Tell the server about a new version (engines that name the adapter per request do nothing)."""
@@ -92,7 +98,7 @@ class HTTPEngine(InferenceEngine):
     def release(self, adapter: str) -> None:
         self.versions.drop(adapter)
 
-    def sample(self, requests: list[SampleRequest]) -> list[SampleResult]:
+    def sample(self, requests: list[SampleRequest]) -> list[Samples]:
         if not self.capabilities.runtime_adapter_loading:
             for r in requests:
                 if r.adapter is not None:
@@ -115,12 +121,6 @@ class HTTPEngine(InferenceEngine):
 
     def path_of(self, version: Published) -> Path:
         return self.adapter_dir / re.sub(r"[^A-Za-z0-9._-]", "-", version.name)
-
-    @staticmethod
-    def result(version: Published | None, sequences, prompt_logprobs=None) -> SampleResult:
-        """A SampleResult that names the version that produced it."""
-        return SampleResult(sequences, version.key.adapter if version else None,
-                            version.key.version if version else None, prompt_logprobs)
 
     def max_new_tokens(self, request: SampleRequest) -> int:
         return min(request.params.max_tokens, self.max_model_len - len(request.prompt))

@@ -5,8 +5,8 @@ each version is written there in MLX-LM's own format (``adapters.safetensors`` w
 and ``lora_b`` (r, out) per layer, and ``adapter_config.json``) under a fresh name, and deleted once
 no request uses it. Its server answers token ids and their logprobs (``logprobs.content[].id``), but
 takes the prompt as text only: colo decodes the prompt ids and checks that the server counted the
-same number of prompt tokens, failing loudly if its re-encoding differs. Prompt logprobs and stop
-token ids are not available from it.
+same number of prompt tokens, failing loudly if its re-encoding differs. It gives no prompt logprobs
+(the Trainer scores prompts with its own model) and cannot stop on token ids.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from colo.errors import EngineError, InvalidRequestError
-from colo.types import SampledSequence, SampleResult
-from engines.base import AdapterUpdate, Capabilities, SampleRequest
+from colo.types import SampledSequence
+from engines.base import AdapterUpdate, Capabilities, SampleRequest, Samples
 from engines.http_client import field
 from engines.http_engine import HTTPEngine
 from engines.versions import Published
@@ -39,7 +39,9 @@ class MLXEngine(HTTPEngine):
         models = field(self.http.get("/v1/models"), "data", url=self.url)
         if not models:
             raise EngineError(f"{self.url}/v1/models lists no model")
-        self.tokenizer = self.context.policy.tokenizer
+        from transformers import AutoConfig
+
+        self.num_layers = AutoConfig.from_pretrained(self.context.model_path).num_hidden_layers
 
     def write_adapter(self, update: AdapterUpdate, path: Path) -> None:
         config = update.peft_config
@@ -60,20 +62,19 @@ class MLXEngine(HTTPEngine):
         save_file(tensors, str(path / "adapters.safetensors"))
         (path / "adapter_config.json").write_text(json.dumps({
             "fine_tune_type": "lora",
-            "num_layers": self.context.policy.num_layers,
+            "num_layers": self.num_layers,
             "lora_parameters": {"rank": config["r"], "scale": config["lora_alpha"] / config["r"], "dropout": 0.0,
                                 "keys": sorted(keys)},
         }))
 
-    def sample_one(self, request: SampleRequest, version: Published | None) -> SampleResult:
-        p = request.params
-        if request.prompt_logprobs:
-            raise InvalidRequestError("the mlx engine cannot return prompt logprobs (MLX-LM's server does not); "
-                                      "allowed: prompt_logprobs=False")
-        if p.stop_token_ids:
+    def check(self, request: SampleRequest) -> None:
+        if request.params.stop_token_ids:
             raise InvalidRequestError("the mlx engine cannot stop on token ids (MLX-LM's server takes stop strings); "
                                       "allowed: stop strings")
-        text = self.tokenizer.decode(request.prompt, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def sample_one(self, request: SampleRequest, version: Published | None) -> Samples:
+        p = request.params
+        text = self.context.tokenizer.decode(request.prompt, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         body = {"prompt": text, "max_tokens": self.max_new_tokens(request), "temperature": p.temperature,
                 "top_p": p.top_p, "top_k": max(p.top_k, 0), "logprobs": True, "stop": list(p.stop_strings)}
         if version is not None:
@@ -88,7 +89,7 @@ class MLXEngine(HTTPEngine):
                 raise EngineError(f"{self.url} read the prompt as {counted} tokens, colo sent {len(request.prompt)}: "
                                   "MLX-LM takes text, and its re-encoding of these ids differs")
             sequences.append(self._sequence(field(out, "choices", 0, url=self.url)))
-        return self.result(version, sequences)
+        return Samples(sequences)
 
     def _sequence(self, choice: dict) -> SampledSequence:
         steps = field(choice, "logprobs", "content", url=self.url)

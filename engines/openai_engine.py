@@ -8,8 +8,8 @@ plain API answers text, and text would have to be re-encoded). It cannot load ad
 from __future__ import annotations
 
 from colo.errors import EngineError
-from colo.types import SampledSequence, SampleResult
-from engines.base import Capabilities, SampleRequest
+from colo.types import SampledSequence
+from engines.base import Capabilities, SampleRequest, Samples
 from engines.http_client import field
 from engines.http_engine import HTTPEngine
 from engines.versions import Published
@@ -19,7 +19,8 @@ class OpenAIEngine(HTTPEngine):
     name = "openai"
     start_command = "any OpenAI-compatible server, e.g. python -m vllm.entrypoints.openai.api_server --model DIR"
     capabilities = Capabilities(in_memory_adapter_loading=False, runtime_adapter_loading=False, sleep=False,
-                                shares_trainer_weights=False, multi_adapter_batch=False)
+                                shares_trainer_weights=False, multi_adapter_batch=False,
+                                prompt_logprobs=True)
 
     def probe(self) -> None:
         models = field(self.http.get("/v1/models"), "data", url=self.url)
@@ -39,7 +40,7 @@ class OpenAIEngine(HTTPEngine):
     def model_name(self, version: Published | None) -> str:
         return self.served_model if version is None else version.name
 
-    def sample_one(self, request: SampleRequest, version: Published | None) -> SampleResult:
+    def sample_one(self, request: SampleRequest, version: Published | None) -> Samples:
         p = request.params
         greedy = p.temperature == 0
         body = {
@@ -70,7 +71,7 @@ class OpenAIEngine(HTTPEngine):
         if len(sequences) != request.num_samples:
             raise EngineError(f"{self.url}: asked for {request.num_samples} samples, got {len(sequences)}")
         prompt_logprobs = self._prompt_logprobs(choices[0], request.prompt) if request.prompt_logprobs else None
-        return self.result(version, sequences, prompt_logprobs)
+        return Samples(sequences, prompt_logprobs)
 
     def _sequence(self, choice: dict) -> SampledSequence:
         logprobs = field(choice, "logprobs", url=self.url)

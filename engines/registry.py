@@ -8,12 +8,12 @@ import importlib.util
 from importlib.metadata import entry_points
 
 from colo.errors import ConfigError
-from engines.base import EngineContext, InferenceEngine
+from engines.base import InferenceEngine
 
 ENTRY_POINT_GROUP = "colo.engines"
 
 BUILTIN: dict[str, str] = {
-    "pytorch": "engines.pytorch_engine:PyTorchEngine",
+    "pytorch": "engines.pytorch.engine:PyTorchEngine",
     "vllm": "engines.vllm_engine:VLLMEngine",
     "vllm-http": "engines.vllm_http_engine:VLLMHTTPEngine",
     "sglang": "engines.sglang_engine:SGLangEngine",
@@ -30,17 +30,32 @@ def engine_names() -> list[str]:
     return sorted({**_entry_points(), **BUILTIN})
 
 
-def resolve_name(name: str) -> str:
-    """``auto`` is the colocated vLLM engine where it is built in and vLLM imports, else ``pytorch``."""
+def resolve_name(name: str, world: int = 1) -> str:
+    """``auto`` is the colocated vLLM engine where it is built in and vLLM imports, else ``pytorch``; under
+    several ranks it is ``pytorch``, which runs on each rank (vllm must span them, with
+    COLO_TENSOR_PARALLEL_SIZE set to the number of ranks, so it is chosen only by name)."""
     if name != "auto":
         return name
-    if "vllm" in BUILTIN and importlib.util.find_spec("vllm") is not None:
+    if world == 1 and "vllm" in BUILTIN and importlib.util.find_spec("vllm") is not None:
         return "vllm"
     return "pytorch"
 
 
-def engine_class(name: str) -> type[InferenceEngine]:
-    name = resolve_name(name)
+def engines_for_ranks() -> list[str]:
+    """The built-in engines that run under several torchrun ranks (one per rank, or one across them)."""
+    names = []
+    for name in BUILTIN:
+        try:
+            caps = engine_class(name).capabilities
+        except ConfigError:  # not installed here
+            continue
+        if caps.per_rank or caps.spans_ranks:
+            names.append(name)
+    return names
+
+
+def engine_class(name: str, world: int = 1) -> type[InferenceEngine]:
+    name = resolve_name(name, world)
     target = BUILTIN.get(name) or _entry_points().get(name)
     if target is None:
         raise ConfigError(f"COLO_ENGINE={name!r}: unknown engine; allowed: auto, {', '.join(engine_names())}")
@@ -52,7 +67,3 @@ def engine_class(name: str) -> type[InferenceEngine]:
     if not (isinstance(cls, type) and issubclass(cls, InferenceEngine)):
         raise ConfigError(f"COLO_ENGINE={name!r}: {target} is not an InferenceEngine subclass")
     return cls
-
-
-def create_engine(name: str, context: EngineContext) -> InferenceEngine:
-    return engine_class(name)(context)

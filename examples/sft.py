@@ -20,8 +20,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from colo import AdamParams, Datum, Trainer
-from colo.arithmetic_task import accuracy, prompt_tokens, split_questions
-from colo.script_flags import parse_settings
+from colo.recipes.arithmetic_task import accuracy, prompt_tokens, split_questions
+from colo.recipes.script_flags import parse_settings
 
 
 @dataclass

@@ -1,11 +1,11 @@
-"""colo.decode_attention: the CPU decode path gives what transformers' sdpa gives."""
+"""engines.pytorch.decode_attention: the CPU decode path gives what transformers' sdpa gives."""
 
 import types
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from colo import decode_attention
+from engines.pytorch import decode_attention
 
 
 def _inputs(query_length: int):
@@ -36,4 +36,5 @@ def test_longer_queries_are_left_to_sdpa():
 
 
 def test_the_trainer_model_uses_it_on_cpu(trainer):
-    assert trainer.policy._base.config._attn_implementation == decode_attention.NAME
+    with trainer.policy.without_adapters() as causal_lm:
+        assert causal_lm.config._attn_implementation == decode_attention.NAME

@@ -7,8 +7,8 @@ import random
 import pytest
 
 from colo import AdamParams, SamplingParams
-from colo.arithmetic_task import prompt_tokens, reward, split_questions
-from colo.rl import grpo_step
+from colo.recipes.arithmetic_task import prompt_tokens, reward, split_questions
+from colo.recipes.rl import grpo_step
 
 
 @pytest.mark.slow

@@ -97,8 +97,12 @@ def test_mlx_writes_its_adapter_format_and_names_it_per_request(tiny_model_dir):
         assert result.adapter_version == 1
         step(t, a)
         assert not adapter_dir.exists()  # the replaced version's files are gone
-        with pytest.raises(InvalidRequestError, match="prompt logprobs"):
-            t.sample_batch([SampleJob(a, prompt, 1, SamplingParams(max_tokens=1), prompt_logprobs=True)])
+        # MLX-LM's server gives no prompt logprobs: the Trainer scores the prompt with its own model
+        scored = t.sample_batch([SampleJob(a, prompt, 1, SamplingParams(max_tokens=1), prompt_logprobs=True)])[0]
+        assert scored.prompt_logprobs == pytest.approx(t.compute_logprobs(a, prompt), abs=1e-6)
+        assert scored.prompt_logprobs[0] is None and len(scored.prompt_logprobs) == len(prompt)
+        with pytest.raises(InvalidRequestError, match="stop on token ids"):
+            t.sample_batch([SampleJob(a, prompt, 1, SamplingParams(max_tokens=1, stop=(5,)))])
     finally:
         t.close()
         server.close()

@@ -9,12 +9,12 @@ import pytest
 
 from colo import ConfigError, SamplingParams
 from engines.base import InferenceEngine
-from engines.pytorch_engine import PyTorchEngine
+from engines.pytorch.engine import PyTorchEngine
 from engines.registry import engine_class, engine_names, resolve_name
 
 PLUGIN = '''
-from colo.types import SampledSequence, SampleResult
-from engines.base import Capabilities, InferenceEngine
+from colo.types import SampledSequence
+from engines.base import Capabilities, InferenceEngine, Samples
 
 
 class ReverseEngine(InferenceEngine):
@@ -33,8 +33,7 @@ class ReverseEngine(InferenceEngine):
         pass
 
     def sample(self, requests):
-        return [SampleResult([SampledSequence(r.prompt[::-1], [0.0] * len(r.prompt), "stop")] * r.num_samples,
-                             r.adapter.adapter if r.adapter else None, r.adapter.version if r.adapter else None)
+        return [Samples([SampledSequence(r.prompt[::-1], [0.0] * len(r.prompt), "stop")] * r.num_samples)
                 for r in requests]
 '''
 
@@ -98,7 +97,7 @@ def test_unknown_engine_name():
 
 
 @pytest.mark.parametrize("module", ["engines.base", "engines.registry", "engines.versions", "engines.vllm_engine",
-                                    "engines.pytorch_engine", "engines.http_engine"])
+                                    "engines.pytorch.engine", "engines.http_engine"])
 def test_an_engine_module_imports_first_in_a_fresh_process(module):
     # what a third-party engine's own tests do first; colo's package must not import the engines back
     proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
@@ -119,8 +118,17 @@ def test_colo_engines_shows_every_builtin_engines_capabilities():
 def test_an_engine_gets_its_own_settings_not_the_whole_configuration(trainer):
     from colo import Config
     from engines.base import EngineSettings
+    from engines.http_engine import HTTPSettings
+    from engines.vllm_engine import VLLMSettings
 
-    settings = EngineSettings.of(Config(api_keys="tml-secret:t", max_loras=6))
-    assert settings.max_loras == 6
-    assert not hasattr(settings, "api_keys") and not hasattr(settings, "checkpoint_dir")
-    assert isinstance(trainer.engine.context.settings, EngineSettings)
+    config = Config(api_keys="tml-secret:t", max_loras=6, vllm_enforce_eager=True, engine_url="http://127.0.0.1:9")
+    shared = EngineSettings.of(config)
+    assert shared.max_loras == 6
+    assert not hasattr(shared, "api_keys") and not hasattr(shared, "checkpoint_dir")
+    assert not any(hasattr(shared, k) for k in ("vllm_enforce_eager", "engine_url", "pytorch_compile"))
+    vllm = VLLMSettings.of(config)  # an engine's own fields come only to that engine
+    assert vllm.vllm_enforce_eager and vllm.max_loras == 6 and not hasattr(vllm, "engine_url")
+    assert HTTPSettings.of(config).engine_url == "http://127.0.0.1:9" and not hasattr(HTTPSettings.of(config),
+                                                                                       "vllm_enforce_eager")
+    assert type(trainer.engine.context.settings) is type(trainer.engine).settings_class
+    assert not hasattr(trainer.engine.context, "policy")

@@ -4,7 +4,8 @@ import pytest
 
 from colo import SamplingParams
 from colo.types import SampleJob
-from engines import generation, pytorch_engine
+from engines.pytorch import engine as pytorch_engine
+from engines.pytorch import generation
 from helpers import encode, overfit
 
 PROMPTS = ["the cat", "one two three", "what is", "hello world apple"]

@@ -1,4 +1,4 @@
-"""engines.token_draw: every row's token in one pass, with counter-based seeds.
+"""engines.pytorch.token_draw: every row's token in one pass, with counter-based seeds.
 
 The expected frequencies are worked out by hand from the distribution given, not by the code under test.
 """
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from colo.types import SamplingParams
-from engines.token_draw import RowParams, draw, uniforms
+from engines.pytorch.token_draw import RowParams, draw, uniforms
 
 ROWS = 20_000
 PROBS = [0.5, 0.3, 0.15, 0.05]

@@ -1,10 +1,11 @@
 """The service under several ranks: rank 0 serves HTTP, the other ranks follow its Trainer calls in lock step.
 
-The Trainer's collective methods (training, sampling, adapters, checkpoints) must run on every rank
-with the same arguments. Rank 0's worker thread calls them through ``Leader``, which first announces
-each call (its name and arguments) to the followers; each follower makes the same call on its own
-Trainer, and the Trainer's own collectives keep the ranks together from there. Everything else
-(reading ``adapters``, ``config``, ``policy``) is local: every rank holds the same state.
+The Trainer's collective methods (training, sampling, adapters, checkpoints: those it declares
+``@collective``, see ``colo.collective``) must run on every rank with the same arguments. Rank 0's
+worker thread calls them through ``Leader``, which first announces each call (its name and arguments)
+to the followers; each follower makes the same call on its own Trainer, and the Trainer's own
+collectives keep the ranks together from there. Everything else (``@local`` methods, reading
+``adapters``, ``config``, ``policy``) stays on rank 0: every rank holds the same state.
 
 Announcements travel over a gloo group of their own whose timeout is long: a follower may wait for
 the next request for as long as the service is idle, while the Trainer's collectives keep their
@@ -20,13 +21,11 @@ from typing import Any
 
 import torch.distributed as dist
 
+from colo.collective import check_declared, collective_methods
 from colo.errors import ColoError
 
 log = logging.getLogger(__name__)
 
-# the Trainer methods that are collective under several ranks: every rank must make these calls
-MIRRORED = frozenset({"create_lora", "delete_lora", "forward", "forward_backward", "optim_step", "sample",
-                      "sample_batch", "compute_logprobs", "save_state", "load_state", "export_adapter", "close"})
 _IDLE = datetime.timedelta(days=365)
 
 
@@ -39,11 +38,13 @@ class Leader:
     """Rank 0's Trainer: mirrored calls are announced to the followers before they run here."""
 
     def __init__(self, trainer, group) -> None:
+        check_declared(type(trainer))  # a public method neither collective nor local would go unmirrored
         self._trainer, self._group = trainer, group
+        self._mirrored = collective_methods(type(trainer))
 
     def __getattr__(self, name: str):
         value = getattr(self._trainer, name)
-        if name not in MIRRORED:
+        if name not in self._mirrored:
             return value
 
         def call(*args, **kwargs):

@@ -3,7 +3,7 @@
 - The KV cache is preallocated (transformers' ``StaticCache``) for the prompt width plus the most new
   tokens any row may take, and every decode step has the same shapes: the attention mask covers the
   whole cache from the start and a column is switched on as it is written.
-- Each step draws every row's token in one pass (``engines.token_draw``), writes tokens and logprobs
+- Each step draws every row's token in one pass (``engines.pytorch.token_draw``), writes tokens and logprobs
   into preallocated device tensors and decides on the device which rows have finished (a stop token or
   their length). The host looks every ``SYNC_EVERY`` steps: to end the loop when all rows are done and
   to search stop strings, which need the tokenizer. Rows that finish keep decoding until then (their
@@ -25,7 +25,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, StaticCache
 
 from colo.types import SampledSequence, SamplingParams
-from engines.token_draw import RowParams, draw
+from engines.pytorch.token_draw import RowParams, draw
 
 # Host look-ups per decode step cost a device round trip each; every 8 steps the waste is at most 7
 # steps of rows that already finished.

@@ -1,21 +1,31 @@
 """The ``pytorch`` engine: samples from the Trainer's own model, no second copy of the weights.
 
-Publishing a version costs nothing here (the trainer's parameters are the sampler's), and a
-sample always runs on the adapter's newest weights, which is the version it reports.
+Publishing a version costs nothing here (the trainer's parameters are the sampler's), and a sample
+always runs on the adapter's newest weights, the version the Trainer stamps on it. Prompt logprobs
+are the Trainer's own scoring (``prompt_logprobs=False``): the same model would compute them here.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from dataclasses import dataclass
 
-from colo.types import SampleResult, SamplingParams
-from engines.base import AdapterUpdate, Capabilities, InferenceEngine, SampleRequest
-from engines.compiled_decode import CompiledDecode
-from engines.generation import Row, generate, request_seed, to_sequence
+from colo.types import SamplingParams
+from engines.base import (AdapterUpdate, Capabilities, EngineContext, EngineSettings, InferenceEngine, SampleRequest,
+                          Samples)
+from engines.pytorch import decode_attention
+from engines.pytorch.compiled_decode import CompiledDecode
+from engines.pytorch.generation import Row, generate, request_seed, to_sequence
+from engines.pytorch.mixed_lora import MixedLora
+from engines.pytorch.training_model import TrainingModel
 
 # compiled decoding pads a batch to one of these row counts and its KV cache to a power of two
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)
 MIN_CACHE = 64
+
+
+@dataclass(frozen=True)
+class PyTorchSettings(EngineSettings):
+    pytorch_compile: str = "auto"  # auto (CUDA only), on, off
 
 
 class PyTorchEngine(InferenceEngine):
@@ -27,28 +37,35 @@ class PyTorchEngine(InferenceEngine):
         shares_trainer_weights=True,
         multi_adapter_batch=True,
         unembed_lora=True,
+        per_rank=True,
     )
+    settings_class = PyTorchSettings
     # one decode loop's KV cache is preallocated for its worst case: these bound it (2**17 positions are
     # 3.7 GiB of bf16 cache on a 1.5B Qwen2.5 shape, 2.9 GiB on the default model)
     max_batch_rows = 64
     max_batch_tokens = 1 << 17
 
-    def __init__(self, context) -> None:
+    def __init__(self, context: EngineContext, model: TrainingModel) -> None:
         super().__init__(context)
-        self.policy = context.policy
-        self.versions: dict[str, int] = {}
+        self.model = model
         setting = context.settings.pytorch_compile
-        self.compiled = setting == "on" or (setting == "auto" and self.policy.device.type == "cuda")
+        self.compiled = setting == "on" or (setting == "auto" and context.device.type == "cuda")
         self._decode: CompiledDecode | None = None
+        self._mixed = MixedLora(context.dtype)
+        with model.without_adapters() as causal_lm:
+            decode_attention.install(causal_lm)
 
     def publish(self, update: AdapterUpdate) -> None:
-        self.versions[update.key.adapter] = update.key.version
+        """Nothing to do: the trainer's parameters are what this engine samples from."""
 
     def release(self, adapter: str) -> None:
-        self.versions.pop(adapter, None)
+        """Nothing to do: a deleted adapter's LoRA layers are gone from the trainer's model."""
 
-    def sample(self, requests: list[SampleRequest]) -> list[SampleResult]:
-        policy = self.policy
+    def shutdown(self) -> None:
+        self._mixed.close()
+        self._decode = None
+
+    def sample(self, requests: list[SampleRequest]) -> list[Samples]:
         # one row per sample, a request's rows side by side and the rows of one adapter together, so the
         # requests of every adapter (and the base model) share each decode loop
         order = sorted(range(len(requests)), key=lambda i: _adapter_of(requests[i]) or "")
@@ -65,48 +82,27 @@ class PyTorchEngine(InferenceEngine):
         slots = self.context.settings.max_loras if self.compiled else None
         for start, end in _batches(rows, row_adapters, self.max_batch_rows, self.max_batch_tokens, slots):
             self._decode_batch(rows[start:end], row_adapters[start:end])
-
-        prompt_logprobs = self._prompt_logprobs(requests)
-        results = []
-        for i, req in enumerate(requests):
-            adapter = _adapter_of(req)
-            version = self.versions.get(adapter) if adapter else None
-            results.append(SampleResult([to_sequence(rows[j]) for j in groups[i]], adapter, version,
-                                        prompt_logprobs.get(i, [None]) if req.prompt_logprobs else None))
-        return results
+        return [Samples([to_sequence(rows[j]) for j in groups[i]]) for i in range(len(requests))]
 
     def _decode_batch(self, rows: list[Row], row_adapters: list[str | None]) -> None:
-        policy = self.policy
+        model, context = self.model, self.context
         if not self.compiled:
-            with policy.sampling(row_adapters) as model:
-                generate(model, rows, policy.pad_token_id, policy.eos_token_ids, policy.tokenizer, policy.device,
-                         policy.vocab_size)
+            with model.without_adapters() as causal_lm, self._mixed.batch(causal_lm, row_adapters):
+                generate(causal_lm, rows, model.pad_token_id, model.eos_token_ids, context.tokenizer, context.device,
+                         model.vocab_size)
             return
         # compiled decoding: shapes from a few buckets, so each compiled graph serves many batches
-        padding = [Row([policy.pad_token_id], SamplingParams(temperature=0), 0, 0, 0)
+        padding = [Row([model.pad_token_id], SamplingParams(temperature=0), 0, 0, 0)
                    for _ in range(_bucket(len(rows), ROW_BUCKETS) - len(rows))]
         width = max(len(r.prompt) for r in rows) + max(r.max_new for r in rows)
-        fixed = (self.context.settings.max_loras, self.context.settings.max_lora_rank, self.max_batch_rows)
-        with policy.sampling(row_adapters + [None] * len(padding), fixed) as model:
-            if self._decode is None or self._decode.eager is not model:
-                self._decode = CompiledDecode(model, policy.device)
-            generate(model, rows + padding, policy.pad_token_id, policy.eos_token_ids, policy.tokenizer,
-                     policy.device, policy.vocab_size, decode=self._decode,
+        fixed = (context.settings.max_loras, context.settings.max_lora_rank, self.max_batch_rows)
+        with model.without_adapters() as causal_lm, self._mixed.batch(causal_lm, row_adapters + [None] * len(padding),
+                                                                       fixed):
+            if self._decode is None or self._decode.eager is not causal_lm:
+                self._decode = CompiledDecode(causal_lm, context.device)
+            generate(causal_lm, rows + padding, model.pad_token_id, model.eos_token_ids, context.tokenizer,
+                     context.device, model.vocab_size, decode=self._decode,
                      cache_len=max(MIN_CACHE, 1 << (width - 1).bit_length()))
-
-    def _prompt_logprobs(self, requests: list[SampleRequest]) -> dict[int, list[float | None]]:
-        """The trainer's own scoring of the prompts that asked for it, one adapter at a time."""
-        by_adapter: dict[str | None, list[int]] = defaultdict(list)
-        for i, req in enumerate(requests):
-            if req.prompt_logprobs and len(req.prompt) > 1:
-                by_adapter[_adapter_of(req)].append(i)
-        out: dict[int, list[float | None]] = {}
-        for adapter, scored in by_adapter.items():
-            with self.policy.active(adapter) as model:
-                lps = self.policy.score(model, [requests[i].prompt[:-1] for i in scored],
-                                        [requests[i].prompt[1:] for i in scored])
-            out.update({i: [None, *lp.tolist()] for i, lp in zip(scored, lps)})
-        return out
 
 
 def _adapter_of(request: SampleRequest) -> str | None:

@@ -58,6 +58,7 @@ class MixedLora:
         self.dtype = dtype
         self.shared = _Shared()
         self._hooked: dict[int, tuple[LoraLayer, _LayerStack]] = {}
+        self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
 
     @contextmanager
     def batch(self, model: torch.nn.Module, row_adapters: list[str | None],
@@ -86,11 +87,19 @@ class MixedLora:
                 key = id(module)
                 if key not in self._hooked or self._hooked[key][0] is not module:
                     stack = _LayerStack(self.shared)
-                    module.register_forward_hook(stack)
+                    self._handles[key] = module.register_forward_hook(stack)
                     self._hooked[key] = (module, stack)
                 live[key] = self._hooked[key]
         self._hooked = live  # layers PEFT removed (their adapters unloaded) are forgotten
+        self._handles = {k: h for k, h in self._handles.items() if k in live}
         return list(live.values())
+
+    def close(self) -> None:
+        """Take the hooks off the model's LoRA layers (the engine is shut down; the model lives on)."""
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
+        self._hooked.clear()
 
     def _fill_sized(self, layers, names: list[str], row_adapters: list[str | None]) -> None:
         ranks = _ranks(layers, names)
