@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import machine, table, write_section  # noqa: E402
 from colo import AdamParams, Datum, Trainer  # noqa: E402
-from colo.checkpoint import export_peft  # noqa: E402
+from colo.peft_files import write_peft  # noqa: E402
 from engines.base import AdapterUpdate, AdapterVersion  # noqa: E402
 
 RANK = 16
@@ -46,11 +46,10 @@ def main() -> None:
     state = trainer.adapters[adapter]
     n_params = sum(p.numel() for p in state.params.values())
     tokens = trainer.tokenizer.encode("The quick brown fox jumps over the lazy dog.")
-    peft_config = trainer.policy.peft_config(state.lora)
+    peft_config = trainer.policy.peft_config(state.lora).to_dict()
 
     from vllm.lora.request import LoRARequest
 
-    peft_model = trainer.policy._peft
     times: dict[str, list[float]] = {"memory": [], "disk": [], "tmpfs": []}
 
     def load_into_vllm(name: str, path: Path) -> None:
@@ -64,19 +63,18 @@ def main() -> None:
             trainer.forward_backward(adapter, [Datum.from_sequence(tokens)])
             trainer.optim_step(adapter, AdamParams(learning_rate=1e-4))
             tensors = {k: p.detach() for k, p in state.params.items()}
-            update = AdapterUpdate(AdapterVersion(adapter, state.version), peft_config.to_dict(), tensors)
+            update = AdapterUpdate(AdapterVersion(adapter, state.version), peft_config, tensors)
 
             started = time.perf_counter()
             engine.publish(update)
             memory = time.perf_counter() - started
 
             started = time.perf_counter()
-            peft_model.save_pretrained(f"{disk_dir}/v{i}", selected_adapters=[adapter])
-            load_into_vllm("disk", Path(disk_dir, f"v{i}", adapter))
+            load_into_vllm("disk", write_peft(Path(disk_dir) / f"v{i}", peft_config, tensors))
             disk = time.perf_counter() - started
 
             started = time.perf_counter()
-            load_into_vllm("tmpfs", export_peft(Path(shm) / f"v{i}", peft_config, tensors))
+            load_into_vllm("tmpfs", write_peft(Path(shm) / f"v{i}", peft_config, tensors))
             tmpfs = time.perf_counter() - started
 
             if i >= 2:

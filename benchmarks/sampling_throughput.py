@@ -79,15 +79,12 @@ def generate_run(trainer: Trainer, names: list[str], batch: list[list[int]]):
         ids[b, width - len(p):] = torch.tensor(p)
         mask[b, width - len(p):] = 1
     ids, mask = ids.to(policy.device), mask.to(policy.device)
-    model = policy._peft
     kwargs = {}
-    if len(names) > 1:
+    if len(names) > 1:  # PEFT's own mixed batch; the active adapter is then ignored
         kwargs["adapter_names"] = [names[i % len(names)] for i in range(len(batch))]
-    else:
-        model.set_adapter(names[0])
     torch.manual_seed(0)
     started = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), policy.active(names[0]) as model:
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                              top_p=1.0, max_new_tokens=NEW_TOKENS, pad_token_id=policy.pad_token_id, **kwargs)
     if policy.device.type == "cuda":

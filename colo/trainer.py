@@ -419,8 +419,8 @@ class Trainer:
         mine = self.ranks.share([len(d.model_input) for d in data])  # every datum, on one rank
         # the loss is a sum over data, so each micro-batch's backward adds its share of the gradient
         with self.policy.active(adapter, train=backward) as model:
-            for local in self.policy.micro_batches([len(data[i].model_input) for i in mine]):
-                group = [mine[j] for j in local]
+            for indices in self.policy.micro_batches([len(data[i].model_input) for i in mine]):
+                group = [mine[j] for j in indices]
                 batch = [data[i] for i in group]
                 lps = self.policy.token_logprobs(model, [d.model_input for d in batch],
                                                  [d.loss_fn_inputs["target_tokens"].tolist() for d in batch])
