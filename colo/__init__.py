@@ -1,8 +1,8 @@
 """colo: colocated LoRA post-training (RL and SFT) with an in-process sampler.
 
-``Trainer`` is imported on first use: the engines import ``colo.types`` and ``colo.errors``, and an
-eager Trainer import here would import the engines back (a third-party engine's tests import
-``engines.base`` first).
+``Trainer`` is imported on first use. Every ``colo.x`` import runs this file first, and the engines
+import the small core (``colo.types``, ``colo.errors``, ...): an eager Trainer import here would load the
+Trainer, its model and the engine registry into any program that imports one engine.
 """
 
 from colo.config import Config

@@ -31,7 +31,8 @@ def test_default_model_is_converted_once_and_loads(cache_dir, tmp_path, monkeypa
 
     with Trainer(model_cache_dir=str(cache_dir), engine="pytorch", device="cpu") as trainer:
         assert trainer.model_path == str(path)
-        assert sum(p.numel() for p in trainer.policy._base.parameters()) == 134_515_008
+        with trainer.policy.without_adapters() as causal_lm:  # no adapter yet: the base model's own parameters
+            assert sum(p.numel() for p in causal_lm.parameters()) == 134_515_008
         tok = trainer.tokenizer
         prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                          add_generation_prompt=True, return_dict=False)

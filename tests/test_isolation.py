@@ -5,6 +5,7 @@ import threading
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from colo import AdamParams, Datum, LoraConfig, SampleJob, SamplingParams, capacity
 from colo.checkpoint import load_checkpoint, save_checkpoint
@@ -194,7 +195,7 @@ def test_an_adapter_that_does_not_fit_in_free_memory_is_refused():
 
 def test_lora_values_count_every_target_layer(trainer):
     # written out from the tiny model's config: q,k,v,o and gate,up,down projections of each layer
-    cfg = trainer.policy._base.config
+    cfg = AutoConfig.from_pretrained(trainer.model_path)
     h, kv, inter, layers = cfg.hidden_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads), \
         cfg.intermediate_size, cfg.num_hidden_layers
     attn = (h + h) + (h + kv) * 2 + (h + h)
