@@ -50,7 +50,7 @@ def main() -> int:
         logging.warning("colo: serving %s with no COLO_API_KEYS: anyone who reaches it can train and sample",
                         config.host)
     logging.info("colo: serving the Tinker API on http://%s:%d (model %s, engine %s)", config.host, config.port,
-                 service.model_name, trainer.engine.name)
+                 service.base.name, trainer.engine.name)
     # a long poll still open at shutdown is cut after 5 s
     uvicorn.run(create_app(service), host=config.host, port=config.port, log_level="warning",
                 timeout_graceful_shutdown=5)

@@ -1,4 +1,5 @@
-"""The worker that owns the Trainer: seq_id order per model, one engine call per sample batch, fairness."""
+"""The worker that owns the Trainer: one engine call per sample batch, fairness, shutdown, health.
+(A model's seq_id order is ``Models``'s: tests/test_service_models.py.)"""
 
 from __future__ import annotations
 
@@ -83,23 +84,6 @@ def test_a_flooding_client_cannot_crowd_out_another(worker):
         f.result(60)
     first = worker.trainer.batches[0]
     assert len(first) == 4 and [j.prompt for j in first].count([3, 4]) == 1  # in the first batch of 4
-
-
-def test_training_jobs_of_a_model_run_in_seq_id_order(worker):
-    worker.open_order("m1")
-    worker.open_order("m2")
-    ran: list[tuple[str, int]] = []
-    release = blocked(worker)
-    futures = [worker.ordered("m1", s, lambda t, s=s: ran.append(("m1", s))) for s in (3, 1, 2)]
-    futures += [worker.ordered("m2", s, lambda t, s=s: ran.append(("m2", s))) for s in (2, 1)]
-    with pytest.raises(ColoError, match="already used"):
-        worker.ordered("m1", 2, lambda t: None)
-    release.set()
-    for f in futures:
-        f.result(60)
-    assert [s for m, s in ran if m == "m1"] == [1, 2, 3]
-    assert [s for m, s in ran if m == "m2"] == [1, 2]
-    assert ran.index(("m2", 1)) < ran.index(("m1", 3))  # the models take turns
 
 
 def test_stop_answers_queued_jobs_and_refuses_new_ones(trainer):

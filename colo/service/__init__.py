@@ -1,9 +1,10 @@
-"""The Tinker API service: the HTTP routes, the state they share, the worker thread that owns the Trainer,
-request futures, tenants, the checkpoint store, the wire format and the stability records.
+"""The Tinker API service: the HTTP routes over one ``Service``, whose parts each own one concept
+(``server`` lists them), and the worker thread that owns the Trainer.
 
-Data flows one way: a route parses a request (``http``, ``tinker_wire``), looks up what it names in the
-state (``state``; another tenant's ids read as unknown), and submits one job to the worker (``worker``),
-whose result or error the client polls (``futures``).
+Data flows one way: a route parses a request (``http``, ``tinker_wire``), makes one call on the
+service (``training``, ``sampling``, ``runs``, ``sessions``), which looks up what the request names
+(another tenant's ids read as unknown) and starts one job on the worker (``worker``), whose result or
+error the client polls (``futures``).
 """
 
 from colo.service.app import create_app

@@ -15,7 +15,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 
 from colo.service import routes_openai, routes_runs, routes_sampling, routes_session, routes_training
-from colo.service.http import HTTPError, Requests, add_error_handlers
+from colo.service.errors import HTTPError
+from colo.service.http import Requests, add_error_handlers
 from colo.service.server import Service
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,7 @@ def create_app(service: Service) -> FastAPI:
         async def housekeeping():
             while True:
                 try:
-                    service.reap_sessions()
-                    service.worker.call(service.housekeeping)
+                    service.housekeeping()
                 except Exception:  # one failed round must not end the timer (an asyncio task dies silently)
                     log.exception("colo: housekeeping failed; trying again in %.0f s", HOUSEKEEPING_SECONDS)
                 await asyncio.sleep(HOUSEKEEPING_SECONDS)
@@ -39,13 +39,10 @@ def create_app(service: Service) -> FastAPI:
         yield
         task.cancel()
         log.info("colo: shutting down: finishing the running job, answering queued ones")
-        service.stopping = True
-        limit = service.trainer.config.stall_seconds
-        if not service.worker.stop(timeout=limit):
-            log.error("colo: the running job did not finish in %.0f s (COLO_STALL_SECONDS); exiting without it", limit)
+        if not service.stop():
+            log.error("colo: the running job did not finish in %.0f s (COLO_STALL_SECONDS); exiting without it",
+                      service.trainer.config.stall_seconds)
             return
-        service.trainer.close()
-        service.stopped = True
         log.info("colo: stopped cleanly")
 
     app = FastAPI(title="colo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

@@ -23,6 +23,7 @@ from colo.errors import InvalidRequestError
 KINDS = ("weights", "sampler_weights")
 SUFFIX = ".safetensors"
 EXPIRES = ".expires"
+MAX_TTL_SECONDS = 10 * 365 * 86400
 
 
 @dataclass
@@ -34,6 +35,8 @@ class Stored:
     created: float  # Unix seconds
     size_bytes: int
     expires_at: float | None
+
+
 _ID = re.compile(r"[A-Za-z0-9_:-]{1,160}")
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
@@ -95,6 +98,13 @@ class CheckpointStore:
             return float(file.with_name(file.name + EXPIRES).read_text())
         except (FileNotFoundError, ValueError):
             return None
+
+    @staticmethod
+    def checked_ttl(ttl) -> int | None:
+        """A client's ``ttl_seconds``, checked before any job is queued with it."""
+        if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= MAX_TTL_SECONDS):
+            raise InvalidRequestError(f"ttl_seconds={ttl!r}; allowed: None (keep) or whole seconds in [1, {MAX_TTL_SECONDS}]")
+        return ttl
 
     @staticmethod
     def set_ttl(file: Path, ttl_seconds: int | None) -> None:

@@ -17,16 +17,20 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from colo.service.errors import NotFound
+
 POLL_SECONDS = 30.0
 KEEP_SECONDS = 120.0
 UNCLAIMED_SECONDS = 3600.0
+
+Encode = Callable[[Any], tuple[bytes | dict, str]]  # a job's result -> (body, "proto" | "json")
 
 
 @dataclass
 class Pending:
     tenant: str
     future: Future
-    encode: Callable[[Any], tuple[bytes | dict, str]]  # result -> (body, "proto" | "json")
+    encode: Encode
     created: float
     fetched: float | None = None
 
@@ -36,31 +40,34 @@ class Futures:
         self._items: dict[str, Pending] = {}
         self._lock = threading.Lock()
 
-    def add(self, tenant: str, future: Future, encode: Callable[[Any], tuple[bytes | dict, str]]) -> str:
+    def add(self, tenant: str, future: Future, encode: Encode) -> str:
         request_id = uuid.uuid4().hex
         with self._lock:
             self._expire()
             self._items[request_id] = Pending(tenant, future, encode, time.monotonic())
         return request_id
 
-    def get(self, tenant: str, request_id: str) -> Pending | None:
-        """The tenant's own request, or None (another tenant's id reads as unknown)."""
+    def submit(self, tenant: str, future: Future, encode: Encode) -> dict:
+        """The answer to a POST that started a job: ``{request_id}``, for the client to poll."""
+        return {"request_id": self.add(tenant, future, encode)}
+
+    async def retrieve(self, tenant: str, request_id: str, timeout: float = POLL_SECONDS) -> Pending | None:
+        """The tenant's request once its job is done; None if it is still running after ``timeout``.
+        Another tenant's id reads as unknown (``NotFound``)."""
         with self._lock:
             item = self._items.get(request_id)
-        return item if item is not None and item.tenant == tenant else None
-
-    async def wait(self, item: Pending, timeout: float = POLL_SECONDS) -> bool:
-        """True once the job is done; False if it is still running after ``timeout``."""
+        if item is None or item.tenant != tenant:
+            raise NotFound(f"unknown request_id {request_id!r}")
         if not item.future.done():
             try:
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(item.future)), timeout)
             except asyncio.TimeoutError:
-                return False
+                return None
             except BaseException:  # the job's own error: it is done, the caller reads it
                 pass
         if item.fetched is None:
             item.fetched = time.monotonic()
-        return True
+        return item
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -2,8 +2,7 @@
 limit, the body parsed with the SDK's own pydantic type; and how errors become HTTP statuses.
 
 A malformed request answers 4xx with a message and nothing about it reaches the Trainer. Errors map
-to statuses in one place (``add_error_handlers``): ``NotFound`` 404, ``Gone`` 410, any other of
-colo's request errors 400, the worker refusing work while it stops 503, anything unexpected 500.
+to statuses by ``errors.status_of`` (``add_error_handlers`` answers with it); anything unexpected is 500.
 """
 
 from __future__ import annotations
@@ -14,29 +13,13 @@ import pydantic
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from colo.errors import ColoError, EngineError
-from colo.service.state import Gone, NotFound
+from colo.errors import ColoError
+from colo.service.errors import HTTPError, status_of
 from colo.service.tenants import Tenants
 
 log = logging.getLogger(__name__)
 
 PROTO = "application/x-protobuf"
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def status_of(e: Exception) -> int | None:
-    """The HTTP status of an error a route raises; None for an unexpected one (500)."""
-    if isinstance(e, HTTPError):
-        return e.status
-    for kind, status in ((NotFound, 404), (Gone, 410), (EngineError, 503), (ColoError, 400)):
-        if isinstance(e, kind):
-            return status
-    return None
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -82,6 +65,11 @@ class Requests:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    async def read(self, request: Request, model: type[pydantic.BaseModel]):
+        """(the caller's tenant, the body parsed as ``model``): a key is checked before the body is read."""
+        tenant = self.tenant_of(request)
+        return tenant, await self.parse(request, model)
+
     async def parse(self, request: Request, model: type[pydantic.BaseModel]):
         body = await self.body(request)
         try:
@@ -97,8 +85,3 @@ def as_json(obj: pydantic.BaseModel) -> tuple[dict, str]:
     """A future's encoder for a JSON result."""
     return obj.model_dump(mode="json", exclude_none=True), "json"
 
-
-def checked_ttl(ttl) -> int | None:
-    if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= 10 * 365 * 86400):
-        raise HTTPError(400, f"ttl_seconds={ttl!r}; allowed: None (keep) or whole seconds in [1, 315360000]")
-    return ttl

@@ -14,7 +14,6 @@ vLLM's ``return_tokens_as_token_ids`` and prompts given as token ids work as in 
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import time
@@ -25,11 +24,11 @@ import pydantic
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from colo.service.http import HTTPError, Requests, status_of
+from colo.service.base_model import BaseModel
+from colo.service.errors import HTTPError, status_of
+from colo.service.http import Requests
 from colo.service.server import Service
-from colo.service.state import Sampler
-from colo.trainer import Trainer
-from colo.types import SampleJob, SampleResult, SamplingParams
+from colo.types import SampleResult, SamplingParams
 
 
 class _Common(pydantic.BaseModel):
@@ -40,10 +39,30 @@ class _Common(pydantic.BaseModel):
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
-    stop: str | list[str] | None = None
+    stop: tuple[str, ...] = ()
     seed: int | None = None
     stream: bool = False
     return_tokens_as_token_ids: bool = False  # vLLM's extension
+
+    @pydantic.field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_tuple(cls, stop):
+        """OpenAI takes one string, a list, or null; colo's SamplingParams and the text cut take a tuple."""
+        return () if stop is None else (stop,) if isinstance(stop, str) else stop
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+    def check(self) -> None:
+        """What the route's own fields allow beyond their types."""
+
+    def prompt_tokens(self, base: BaseModel) -> list[int]:
+        raise NotImplementedError
+
+    def params(self) -> SamplingParams:
+        limit = self.token_limit()
+        return SamplingParams(max_tokens=limit if limit is not None else 1 << 30, temperature=self.temperature,
+                              top_p=self.top_p, stop=self.stop, seed=self.seed)
 
 
 class CompletionRequest(_Common):
@@ -51,6 +70,15 @@ class CompletionRequest(_Common):
     max_tokens: int | None = 16  # OpenAI's default for completions
     logprobs: int | None = None
     echo: bool = False
+
+    def check(self) -> None:
+        if self.logprobs is not None and not 0 <= self.logprobs <= 1:
+            raise HTTPError(400, f"logprobs={self.logprobs}; allowed: 0 or 1 (colo reports the sampled token's own)")
+        if self.echo:
+            raise HTTPError(400, "echo=true is not supported by colo; allowed: echo=false")
+
+    def prompt_tokens(self, base: BaseModel) -> list[int]:
+        return list(self.prompt) if isinstance(self.prompt, list) else base.tokenizer.encode(self.prompt)
 
 
 class ChatMessage(pydantic.BaseModel):
@@ -65,6 +93,19 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def check(self) -> None:
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 1:
+            raise HTTPError(400, f"top_logprobs={self.top_logprobs}; allowed: 0 or 1 (the sampled token's own)")
+
+    def prompt_tokens(self, base: BaseModel) -> list[int]:
+        if not getattr(base.tokenizer, "chat_template", None):
+            raise HTTPError(400, f"the model {base.name!r} has no chat template; allowed: /v1/completions")
+        messages = [m.model_dump(exclude_none=True) for m in self.messages]
+        return list(base.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -88,29 +129,7 @@ def openai_errors(route):
 
 def routes(svc: Service, rq: Requests) -> APIRouter:
     r = APIRouter()
-    tokenizer = svc.trainer.tokenizer
-
-    def sampler_of(tenant: str, name: str) -> Sampler:
-        if name in svc.base_names:
-            return Sampler(tenant, f"openai-base:{tenant}")
-        if name.startswith("tinker://"):
-            return svc.saved_sampler(tenant, f"openai:{tenant}:{name}", name)
-        m = svc.state.model(tenant, name)
-        return Sampler(tenant, f"openai:{tenant}:{name}", model_id=m.model_id)
-
-    async def sample(tenant: str, name: str, prompt: list[int], req: _Common,
-                     max_tokens: int | None) -> tuple[SampleResult, str]:
-        s = sampler_of(tenant, name)
-        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        params = SamplingParams(max_tokens=max_tokens if max_tokens is not None else 1 << 30,
-                                temperature=req.temperature, top_p=req.top_p, stop=stop, seed=req.seed)
-
-        def resolve(trainer: Trainer) -> SampleJob:
-            return SampleJob(svc.resolve_adapter(trainer, s), prompt, req.n, params)
-
-        result: SampleResult = await asyncio.wrap_future(svc.worker.sample(s.sampler_id, resolve))
-        answered = "base" if result.adapter is None else f"{s.model_id or name}@v{result.adapter_version}"
-        return result, answered
+    tokenizer = svc.base.tokenizer
 
     def piece(token: int, as_ids: bool) -> str:
         return f"token_id:{token}" if as_ids else tokenizer.decode([token])
@@ -137,27 +156,24 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
     async def models(request: Request):
         tenant = rq.tenant_of(request)
         now = int(time.time())
-        ids = [svc.model_name] + svc.state.model_ids(tenant)
-        ids += [f"tinker://{c.model_id}/{c.kind}/{c.name}" for m in svc.checkpoints.models_on_disk(tenant)
-                for c in svc.checkpoints.list(tenant, m) if c.kind == "sampler_weights"]
         return {"object": "list", "data": [{"id": i, "object": "model", "created": now, "owned_by": tenant}
-                                           for i in ids]}
+                                           for i in svc.sampling.names(tenant)]}
+
+    async def sampled(request: Request, kind: type[_Common]):
+        """(the request, its prompt, the result, which version answered)."""
+        tenant, req = await rq.read(request, kind)
+        req.check()
+        prompt = req.prompt_tokens(svc.base)
+        result, answered = await svc.sampling.complete(tenant, req.model, prompt, req.n, req.params())
+        return req, prompt, result, answered
 
     @r.post("/v1/completions")
     @openai_errors
     async def completions(request: Request):
-        tenant = rq.tenant_of(request)
-        req = await rq.parse(request, CompletionRequest)
-        if req.logprobs is not None and not 0 <= req.logprobs <= 1:
-            raise HTTPError(400, f"logprobs={req.logprobs}; allowed: 0 or 1 (colo reports the sampled token's own)")
-        if req.echo:
-            raise HTTPError(400, "echo=true is not supported by colo; allowed: echo=false")
-        prompt = list(req.prompt) if isinstance(req.prompt, list) else tokenizer.encode(req.prompt)
-        result, answered = await sample(tenant, req.model, prompt, req, req.max_tokens)
-        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        req, prompt, result, answered = await sampled(request, CompletionRequest)
         choices = []
         for i, seq in enumerate(result.sequences):
-            choice: dict[str, Any] = {"index": i, "text": text_of(seq.tokens, stop), "finish_reason": seq.stop_reason,
+            choice: dict[str, Any] = {"index": i, "text": text_of(seq.tokens, req.stop), "finish_reason": seq.stop_reason,
                                       "logprobs": None}
             if req.logprobs is not None:
                 pieces = [piece(t, req.return_tokens_as_token_ids) for t in seq.tokens]
@@ -176,22 +192,12 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
     @r.post("/v1/chat/completions")
     @openai_errors
     async def chat_completions(request: Request):
-        tenant = rq.tenant_of(request)
-        req = await rq.parse(request, ChatRequest)
-        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 1:
-            raise HTTPError(400, f"top_logprobs={req.top_logprobs}; allowed: 0 or 1 (the sampled token's own)")
-        if not getattr(tokenizer, "chat_template", None):
-            raise HTTPError(400, f"the model {svc.model_name!r} has no chat template; allowed: /v1/completions")
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        result, answered = await sample(tenant, req.model, list(prompt), req, max_tokens)
-        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        eos = svc.trainer.policy.eos_token_ids
+        req, prompt, result, answered = await sampled(request, ChatRequest)
+        eos = svc.base.eos_token_ids
         choices = []
         for i, seq in enumerate(result.sequences):
             tokens = [t for t in seq.tokens if t not in eos]
-            content: dict[str, Any] = {"role": "assistant", "content": text_of(tokens, stop)}
+            content: dict[str, Any] = {"role": "assistant", "content": text_of(tokens, req.stop)}
             logprobs = None
             if req.logprobs:
                 logprobs = {"content": [{"token": piece(t, req.return_tokens_as_token_ids), "logprob": lp,
@@ -205,6 +211,6 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
                             "choices": [{"index": c["index"], "delta": c["message"], "logprobs": c["logprobs"],
                                          "finish_reason": c["finish_reason"]}]} for c in choices])
         return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
-                "system_fingerprint": answered, "choices": choices, "usage": usage(list(prompt), result)}
+                "system_fingerprint": answered, "choices": choices, "usage": usage(prompt, result)}
 
     return r

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from tinker import types as tt
 
 from colo.errors import ColoError, EngineError
-from colo.service.http import PROTO, HTTPError, Requests
+from colo.service.http import PROTO, Requests
 from colo.service.server import Service
 
 TELEMETRY_MAX_BYTES = 1 << 20  # the SDK's usage reports: small JSON documents, read and dropped
@@ -24,22 +24,8 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
     @r.get("/api/v1/healthz")
     @r.get("/healthz")
     async def healthz():
-        """200 while the worker moves; 503 with a reason when it has work and finished none of it for
-        COLO_STALL_SECONDS, or when the service is stopping. The body shows what runs and what waits."""
-        st = svc.worker.status()
-        limit = svc.trainer.config.stall_seconds
-        view = {"running": st.running, "running_seconds": round(st.running_seconds, 1), "queued": st.queued,
-                "seconds_since_progress": round(st.seconds_since_progress, 1)}
-        if svc.stopping:
-            return JSONResponse({"status": "stopping", "reason": "the service is shutting down", "worker": view},
-                                status_code=503)
-        if st.stalled(limit):
-            what = f"a {st.running} job has run for {st.running_seconds:.0f} s" if st.running else "nothing ran"
-            return JSONResponse({"status": "stalled", "worker": view,
-                                 "reason": f"the worker has queued work and finished none of it for "
-                                           f"{st.seconds_since_progress:.0f} s ({what}); allowed: "
-                                           f"{limit:.0f} s (COLO_STALL_SECONDS)"}, status_code=503)
-        return {"status": "ok", "worker": view}
+        status, body = svc.health()
+        return JSONResponse(body, status_code=status)
 
     @r.post("/api/v1/client/config")
     async def client_config(request: Request):
@@ -64,8 +50,7 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
     @r.get("/api/v1/get_server_capabilities")
     async def capabilities(request: Request):
         rq.tenant_of(request)
-        return {"supported_models": [{"model_name": svc.model_name, "max_context_length": svc.trainer.max_len,
-                                      "trainable": True, "sampleable": True}]}
+        return svc.base.capabilities()
 
     # ---- sessions -------------------------------------------------------------------------------------
 
@@ -73,13 +58,12 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
     async def create_session(request: Request):
         tenant = rq.tenant_of(request)
         await rq.parse(request, tt.CreateSessionRequest)
-        return {"type": "create_session", "session_id": svc.state.add_session(tenant)}
+        return {"type": "create_session", "session_id": svc.sessions.create(tenant)}
 
     @r.post("/api/v1/session_heartbeat")
     async def heartbeat(request: Request):
-        tenant = rq.tenant_of(request)
-        req = await rq.parse(request, tt.SessionHeartbeatRequest)
-        svc.state.session(tenant, req.session_id)
+        tenant, req = await rq.read(request, tt.SessionHeartbeatRequest)
+        svc.sessions.touch(tenant, req.session_id)
         return {"type": "session_heartbeat"}
 
     @r.post("/api/v1/sessions/{session_id}/finish")
@@ -87,29 +71,25 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
         """The SDK's ServiceClient.close(): the session's models are deleted, its heartbeats answer 410."""
         tenant = rq.tenant_of(request)
         await rq.body(request)
-        # a second finish changes nothing (the first wins, as in Tinker)
-        svc.finish_session(svc.state.session(tenant, session_id, finished_ok=True))
+        svc.sessions.finish(tenant, session_id)
         return {}
 
     @r.get("/api/v1/sessions/{session_id}")
     async def get_session(session_id: str, request: Request):
-        models, samplers = svc.state.session_view(rq.tenant_of(request), session_id)
+        models, samplers = svc.sessions.view(rq.tenant_of(request), session_id)
         return tt.GetSessionResponse(training_run_ids=models, sampler_ids=samplers).model_dump()
 
     @r.get("/api/v1/sessions")
     async def list_sessions(request: Request):
-        return tt.ListSessionsResponse(sessions=svc.state.session_ids(rq.tenant_of(request))).model_dump()
+        return tt.ListSessionsResponse(sessions=svc.sessions.ids(rq.tenant_of(request))).model_dump()
 
     # ---- futures --------------------------------------------------------------------------------------
 
     @r.post("/api/v1/retrieve_future")
     async def retrieve_future(request: Request):
-        tenant = rq.tenant_of(request)
-        req = await rq.parse(request, tt.FutureRetrieveRequest)
-        item = svc.futures.get(tenant, req.request_id)
+        tenant, req = await rq.read(request, tt.FutureRetrieveRequest)
+        item = await svc.futures.retrieve(tenant, req.request_id)
         if item is None:
-            raise HTTPError(404, f"unknown request_id {req.request_id!r}")
-        if not await svc.futures.wait(item):
             # still running: 408 with the try_again body makes the SDK poll again at once and quietly
             # (a 200 try_again would log a warning on every poll of a long job)
             return JSONResponse({"type": "try_again", "request_id": req.request_id, "queue_state": "active"},

@@ -1,188 +1,79 @@
-"""The service's parts put together: the Trainer and the worker thread that owns it, the state, the
-checkpoint store, the request futures and the stability records; and what the routes ask of them
-that takes more than one part (ordered training requests, dropping a model, resolving what a
-sampling session samples, expiring checkpoints, reaping silent sessions)."""
+"""The service's parts put together, each the one owner of its concept:
+
+- ``sessions``: the SDK's sessions, their heartbeats, and what goes when one ends;
+- ``models``: each training model's adapter, request order and de-duplication;
+- ``training``: the training clients' requests; ``sampling``: sampling sessions and sample requests;
+- ``runs``: the REST side's training runs and checkpoints; ``checkpoints``: every checkpoint write;
+- ``worker``: the thread that owns the Trainer; ``futures``: the jobs' results the clients poll.
+
+A route parses its request, makes one call on one of them, and encodes the answer.
+"""
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
-from concurrent.futures import Future
-from pathlib import Path
-from typing import Any, Callable
-
-from colo import default_model
-from colo.errors import InvalidRequestError
+from colo.service.base_model import BaseModel
 from colo.service.checkpoint_store import CheckpointStore
+from colo.service.checkpoints import Checkpoints
 from colo.service.futures import Futures
+from colo.service.models import Models
+from colo.service.runs import Runs
+from colo.service.sampling import Sampling
+from colo.service.sessions import Sessions
 from colo.service.stability import StabilityRecords
-from colo.service.state import Model, NotFound, Sampler, Session, State
 from colo.service.tenants import Tenants
+from colo.service.training import Training
 from colo.service.worker import Worker
 from colo.trainer import Trainer
 
-log = logging.getLogger(__name__)
-
-EPHEMERAL_KEPT = 4  # unnamed sampler snapshots kept per model
-SESSION_TTL_SECONDS = 120.0  # a session silent this long (the SDK beats every 10 s) loses its models
-SEEN_PER_MODEL = 4096  # answered seq_ids remembered per model, for POSTs the SDK sends again
-
-Encode = Callable[[Any], tuple[bytes | dict, str]]  # a job's result -> (body, "proto" | "json")
-
 
 class Service:
-    def __init__(self, trainer: Trainer, tenants: Tenants, checkpoints: CheckpointStore,
+    def __init__(self, trainer: Trainer, tenants: Tenants, store: CheckpointStore,
                  model_name: str | None = None) -> None:
         self.trainer = trainer
-        self.worker = Worker(trainer)
         self.tenants = tenants
-        self.checkpoints = checkpoints
-        self.state = State()
+        self.base = BaseModel(trainer, model_name)
+        self.worker = Worker(trainer)
         self.futures = Futures()
-        self.stability = StabilityRecords()
-        configured = model_name or trainer.config.model
-        self.model_name = default_model.HUB_ID if default_model.is_default(configured) else configured
-        # names a client may use for the base model: the served name, the short name, the local path
-        self.base_names = {self.model_name, configured, trainer.model_path}
-        if default_model.is_default(configured):
-            self.base_names.add(default_model.NAME)
-        self.arch = trainer.policy.architecture
-        self._seen: dict[str, dict[int, str]] = {}  # model_id -> seq_id -> request_id, for retried POSTs
-        self._seen_lock = threading.Lock()
+        self.checkpoints = Checkpoints(store)
+        self.models = Models(self.worker, self.futures, self.checkpoints, trainer.config.max_models_per_tenant)
+        self.sessions = Sessions(self.models)
+        stability = StabilityRecords()
+        self.training = Training(self.base, self.sessions, self.models, self.checkpoints, stability, self.futures)
+        self.sampling = Sampling(self.base, self.sessions, self.models, self.checkpoints, self.worker, self.futures,
+                                 stability)
+        self.runs = Runs(self.base, self.models, self.checkpoints, self.worker)
         self.stopping = False
-        self.stopped = False
+        self.stopped = False  # cleanly: torchrun_entry's exit status says so
 
-    def check_base_model(self, base_model: str | None) -> None:
-        if base_model is not None and base_model not in self.base_names:
-            raise InvalidRequestError(f"base_model {base_model!r} is not served here; allowed: {self.model_name!r}")
+    def housekeeping(self) -> None:
+        """From the app's timer: silent sessions lose their models; expired checkpoints go (on the worker)."""
+        self.sessions.reap()
+        self.worker.call(self.checkpoints.housekeeping)
 
-    # ---- jobs ---------------------------------------------------------------------------------------
+    def health(self) -> tuple[int, dict]:
+        """200 while the worker moves; 503 with a reason when it has work and finished none of it for
+        COLO_STALL_SECONDS, or when the service is stopping. The body shows what runs and what waits."""
+        st = self.worker.status()
+        limit = self.trainer.config.stall_seconds
+        view = {"running": st.running, "running_seconds": round(st.running_seconds, 1), "queued": st.queued,
+                "seconds_since_progress": round(st.seconds_since_progress, 1)}
+        if self.stopping:
+            return 503, {"status": "stopping", "reason": "the service is shutting down", "worker": view}
+        if st.stalled(limit):
+            what = f"a {st.running} job has run for {st.running_seconds:.0f} s" if st.running else "nothing ran"
+            return 503, {"status": "stalled", "worker": view,
+                         "reason": f"the worker has queued work and finished none of it for "
+                                   f"{st.seconds_since_progress:.0f} s ({what}); allowed: {limit:.0f} s "
+                                   "(COLO_STALL_SECONDS)"}
+        return 200, {"status": "ok", "worker": view}
 
-    def submit(self, tenant: str, future: Future, encode: Encode) -> dict:
-        return {"request_id": self.futures.add(tenant, future, encode)}
-
-    def ordered(self, tenant: str, model: Model, seq_id: int | None, fn: Callable[[Trainer], Any],
-                encode: Encode) -> dict:
-        """Run ``fn`` in the model's ``seq_id`` order; a POST sent again gets the first one's request id."""
-        if seq_id is None:
-            raise InvalidRequestError("seq_id is missing; allowed: the training client's request counter + 1")
-        model.last_request = time.time()
-        with self._seen_lock:
-            seen = self._seen.setdefault(model.model_id, {})
-            if seq_id in seen:  # the SDK re-sent a POST whose answer it lost
-                return {"request_id": seen[seq_id]}
-            answer = self.submit(tenant, self.worker.ordered(model.model_id, seq_id, fn), encode)
-            seen[seq_id] = answer["request_id"]
-            if len(seen) > SEEN_PER_MODEL:  # a retry comes within seconds: forget the oldest half
-                for old in sorted(seen)[: SEEN_PER_MODEL // 2]:
-                    del seen[old]
-        return answer
-
-    # ---- models -------------------------------------------------------------------------------------
-
-    def add_model(self, session: Session, model_id: str, adapter: str, rank: int) -> None:
-        """Runs on the worker, in the job that made the adapter."""
-        self.state.add_model(session, model_id, adapter, rank)
-        self.worker.open_order(model_id, first_seq=1)
-
-    def check_quota(self, tenant: str) -> None:
-        """Runs on the worker, where models are added, so concurrent creations cannot both pass."""
-        held = self.state.model_count(tenant)
-        limit = self.trainer.config.max_models_per_tenant
-        if held >= limit:
-            raise InvalidRequestError(f"this tenant holds {held} models; allowed: at most {limit} "
-                                      "(COLO_MAX_MODELS_PER_TENANT); unload_model one first")
-
-    def drop_model(self, model_id: str) -> Future:
-        """Forget the model now; its adapters (live and frozen copies) are deleted by the returned job."""
-        m, frozen = self.state.pop_model(model_id)
-        self.worker.close_order(model_id)
-        with self._seen_lock:
-            self._seen.pop(model_id, None)
-
-        def delete(trainer: Trainer) -> str:
-            for adapter in ([m.adapter] if m else []) + frozen:
-                if adapter in trainer.adapters:
-                    trainer.delete_lora(adapter)
-            return model_id
-
-        return self.worker.call(delete)
-
-    def finish_session(self, session: Session) -> None:
-        for model_id in self.state.finish(session):
-            self.drop_model(model_id)
-
-    def reap_sessions(self) -> None:
-        """Delete the models of sessions whose client stopped beating, to free their adapters."""
-        for s in self.state.take_silent(SESSION_TTL_SECONDS):
-            if not s.finished:
-                log.info("session %s went silent; deleting its %d models", s.session_id, len(s.models))
-            self.finish_session(s)
-
-    # ---- checkpoints --------------------------------------------------------------------------------
-
-    def before_save(self, trainer: Trainer, model_folder: Path) -> None:
-        """Runs on the worker before a save, in the saved model's folder only (a save is on the training hot
-        path; the housekeeping timer covers every folder): killed saves' leftovers go, and what expired."""
-        self.checkpoints.sweep(model_folder)
-        self.expire_checkpoints(trainer, model_folder)
-
-    def housekeeping(self, trainer: Trainer) -> None:
-        """Runs on the worker, from the service's housekeeping timer: over every folder."""
-        self.checkpoints.sweep(self.checkpoints.root)
-        self.expire_checkpoints(trainer)
-
-    def expire_checkpoints(self, trainer: Trainer, folder: Path | None = None) -> None:
-        """Runs on the worker, which writes checkpoints, so a save and a deletion never meet."""
-        for file in self.checkpoints.expire(folder):
-            self._forget(trainer, file)
-            log.info("checkpoint %s expired (ttl_seconds); deleted", file)
-
-    def delete_checkpoint(self, trainer: Trainer, file: Path) -> None:
-        self.checkpoints.delete(file)
-        self._forget(trainer, file)
-
-    def prune_ephemeral(self, trainer: Trainer, folder: Path, keep: int = EPHEMERAL_KEPT) -> None:
-        """Unnamed sampler snapshots are for the next rollouts: keep a model's newest few on disk."""
-        files = sorted(folder.glob("ephemeral-*.safetensors"), key=lambda f: f.stat().st_mtime, reverse=True)
-        for old in files[keep:]:
-            old.unlink(missing_ok=True)
-            self._forget(trainer, old)
-
-    def _forget(self, trainer: Trainer, file: Path) -> None:
-        adapter = self.state.forget_file(file)
-        if adapter in trainer.adapters:
-            trainer.delete_lora(adapter)
-
-    # ---- sampling -----------------------------------------------------------------------------------
-
-    def saved_sampler(self, tenant: str, sampler_id: str, tinker_path: str) -> Sampler:
-        """A sampling session of the version saved at ``tinker_path``. A file this server saved names its
-        model and version; one from an earlier run is always sampled from a frozen copy of the file."""
-        _, _, _, file = self.checkpoints.parse(tenant, tinker_path)
-        if not file.is_file():
-            raise NotFound(f"no checkpoint {tinker_path!r} for this tenant")
-        saved_model, version = self.state.saved_version(file)
-        return Sampler(tenant, sampler_id, tinker_path, saved_model, version, file)
-
-    def resolve_adapter(self, trainer: Trainer, s: Sampler) -> str | None:
-        """Runs on the worker: the adapter that holds exactly the weights ``s`` samples."""
-        if s.model_id is None and s.file is None:
-            return None
-        m = self.state.live_model(s.tenant, s.model_id) if s.model_id else None
-        if m is not None and m.adapter in trainer.adapters and (s.version is None or
-                                                                 trainer.version(m.adapter) == s.version):
-            return m.adapter
-        if s.file is None:
-            raise InvalidRequestError(f"model {s.model_id} of this sampling session was deleted")
-        adapter = self.state.frozen(s.file)
-        if adapter is None or adapter not in trainer.adapters:
-            if not s.file.is_file():
-                raise InvalidRequestError(f"checkpoint {s.model_path} no longer exists")
-            for old in self.state.unfreeze_folder(s.file.parent):  # one frozen copy per model
-                if old in trainer.adapters:
-                    trainer.delete_lora(old)
-            adapter = trainer.load_state(s.file)
-            self.state.freeze(s.file, adapter)
-        return adapter
+    def stop(self) -> bool:
+        """Refuse new work, answer what waits, let the running job finish, then release the engine; False
+        if the running job did not finish in COLO_STALL_SECONDS (the engine is then left as it is)."""
+        self.stopping = True
+        self.models.close()
+        if not self.worker.stop(timeout=self.trainer.config.stall_seconds):
+            return False
+        self.trainer.close()
+        self.stopped = True
+        return True

@@ -3,8 +3,8 @@
 A sample request with ``record_stability_info=True`` has each of its sequences kept under its
 ``sequence_id``: the prompt, the sampled tokens and the sampler's logprobs of them. A training datum
 then names where its tokens came from with provenance spans (``loss_fn_input_spans``), and the loss
-uses the logprobs colo recorded, not ones the client sends: the importance weights rest on what the
-sampler really computed. A sequence is kept for a day after it was recorded or last used, as Tinker
+uses the logprobs colo recorded, not ones the client sends (``use_recorded_logprobs``): the importance
+weights rest on what the sampler really computed. A sequence is kept for a day after it was recorded or last used, as Tinker
 keeps them, and the oldest go first beyond ``MAX_TOKENS`` tokens.
 """
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from colo.errors import InvalidRequestError
+from colo.types import Datum
 
 KEEP_SECONDS = 86_400.0
 MAX_TOKENS = 1 << 24  # about 200 MB of recorded tokens and logprobs
@@ -56,6 +57,20 @@ class StabilityRecords:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def use_recorded_logprobs(self, tenant: str, data: list[Datum], spans: list[list[Span]]) -> None:
+        """For ``stable_reinforce``: each datum's ``logprobs`` input becomes the recorded sampler logprobs."""
+        for i, (d, datum_spans) in enumerate(zip(data, spans)):
+            if not datum_spans:
+                raise InvalidRequestError(
+                    f"data[{i}] has no loss_fn_input_spans; stable_reinforce trains on sequences recorded at "
+                    "sampling time: allowed: datums with provenance spans (Datum.with_provenance) naming "
+                    "sequences sampled with record_stability_info=True")
+            targets = d.loss_fn_inputs.get("target_tokens")
+            advantages = d.loss_fn_inputs.get("advantages")
+            if targets is None or advantages is None:
+                break  # the Trainer's own checks say what is missing
+            d.loss_fn_inputs["logprobs"] = self.sampler_logprobs(tenant, i, targets.tolist(), advantages, datum_spans)
 
     def sampler_logprobs(self, tenant: str, index: int, targets: list[int], advantages: torch.Tensor,
                          spans: list[Span]) -> torch.Tensor:

@@ -1,33 +1,40 @@
 """The one thread that owns the Trainer: every request that touches the model or the engine is a job here.
 
-- Training jobs of one model run in ``seq_id`` order (the SDK may send them out of order; a job
-  waits for its predecessors, and a gap that stays open for ``GAP_SECONDS`` is skipped with a warning).
+- Jobs (``call``) run in the order they came: control jobs (model creation, deletion, checkpoint
+  housekeeping) and training jobs, which ``models.Models`` hands over one per model at a time, in
+  ``seq_id`` order.
 - Sample jobs that arrive together, from any clients and adapters, go to the engine in one call.
-- Each round takes one sample batch, then at most one ready training job of each model, so neither
-  samplers nor any one model can starve the others.
+- Each round runs the jobs queued when it began, then one sample batch, so neither samplers nor any
+  one model can starve the others.
 A job's result or error lands in its ``concurrent.futures.Future``; the HTTP layer waits on that.
 ``status()`` says what runs, what waits and when a job last finished: the health check reads it.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from colo.errors import ColoError, EngineError
+from colo.service.errors import ShuttingDown
 from colo.trainer import Trainer
 from colo.types import SampleJob, SampleResult
 
 log = logging.getLogger(__name__)
 
-GAP_SECONDS = 30.0
-MAX_SEQ_AHEAD = 1024  # a seq_id further ahead than this could only stall its model: refused
+KINDS = ("control", "train")  # what a job is, for the health check's view
+
+
+@dataclass
+class _Job:
+    kind: str
+    run: Callable[[Trainer], Any]
+    future: Future
 
 
 @dataclass
@@ -35,17 +42,6 @@ class _SampleItem:
     key: str  # who asked (a sampling session): batches are filled round-robin over keys
     resolve: Callable[[Trainer], SampleJob]  # runs on the worker: picks the adapter version to sample
     future: Future
-
-
-@dataclass
-class _Ordered:
-    next_seq: int = 1
-    pending: dict[int, tuple[Callable[[Trainer], Any], Future]] = field(default_factory=dict)
-    waiting_since: float | None = None
-
-
-class ShuttingDown(EngineError):
-    """The service is stopping; the job was not run."""
 
 
 @dataclass
@@ -59,15 +55,20 @@ class WorkerStatus:
         return (self.running is not None or any(self.queued.values())) and self.seconds_since_progress > limit
 
 
+def _fail(future: Future, e: BaseException, what: str) -> None:
+    """A job's error goes to its caller; only an unexpected one (not colo's own) is logged here."""
+    if not isinstance(e, ColoError):
+        log.error("%s failed", what, exc_info=e)
+    future.set_exception(e)
+
+
 class Worker:
     def __init__(self, trainer: Trainer, max_batch_sequences: int = 512) -> None:
         self.trainer = trainer
         self.max_batch_sequences = max_batch_sequences
         self._cv = threading.Condition()
-        self._control: deque[tuple[Callable[[Trainer], Any], Future]] = deque()
-        self._ordered: dict[str, _Ordered] = {}
+        self._jobs: deque[_Job] = deque()
         self._samples: deque[_SampleItem] = deque()
-        self._rr = itertools.count()
         self._stopping = False
         self._running: tuple[str, float] | None = None
         self._progress = time.monotonic()
@@ -76,40 +77,13 @@ class Worker:
 
     # ---- submitting (any thread) ----------------------------------------------------------------
 
-    def call(self, fn: Callable[[Trainer], Any]) -> Future:
-        """Run ``fn(trainer)`` soon, outside any model's order (model creation, lookups)."""
+    def call(self, fn: Callable[[Trainer], Any], kind: str = "control") -> Future:
+        """Run ``fn(trainer)`` soon, after the jobs already queued."""
+        assert kind in KINDS, kind
         future: Future = Future()
         with self._cv:
             self._refuse_if_stopping()
-            self._control.append((fn, future))
-            self._cv.notify()
-        return future
-
-    def open_order(self, key: str, first_seq: int = 1) -> None:
-        with self._cv:
-            self._ordered.setdefault(key, _Ordered(next_seq=first_seq))
-
-    def close_order(self, key: str) -> None:
-        with self._cv:
-            order = self._ordered.pop(key, None)
-        for _, future in (order.pending.values() if order else ()):
-            future.set_exception(ColoError(f"model {key} was deleted before this request ran"))
-
-    def ordered(self, key: str, seq_id: int, fn: Callable[[Trainer], Any]) -> Future:
-        """Run ``fn(trainer)`` after every job of ``key`` with a smaller ``seq_id``."""
-        future: Future = Future()
-        with self._cv:
-            self._refuse_if_stopping()
-            order = self._ordered.get(key)
-            if order is None:
-                raise ColoError(f"model {key} was deleted; allowed: a live model's requests")
-            if seq_id < order.next_seq or seq_id in order.pending:
-                raise ColoError(f"seq_id {seq_id} of model {key} was already used; allowed: each seq_id once, "
-                                f"the next is {order.next_seq}")
-            if seq_id > order.next_seq + MAX_SEQ_AHEAD:
-                raise ColoError(f"seq_id {seq_id} of model {key} is far ahead of the next one ({order.next_seq}); "
-                                f"allowed: at most {MAX_SEQ_AHEAD} ahead")
-            order.pending[seq_id] = (fn, future)
+            self._jobs.append(_Job(kind, fn, future))
             self._cv.notify()
         return future
 
@@ -125,8 +99,8 @@ class Worker:
         now = time.monotonic()
         with self._cv:
             running = self._running
-            queued = {"control": len(self._control), "sample": len(self._samples),
-                      "train": sum(len(o.pending) for o in self._ordered.values())}
+            queued = {kind: sum(1 for j in self._jobs if j.kind == kind) for kind in KINDS}
+            queued["sample"] = len(self._samples)
             progress = self._progress
         return WorkerStatus(running[0] if running else None, now - running[1] if running else 0.0, queued,
                             now - progress)
@@ -136,12 +110,9 @@ class Worker:
         is still running after ``timeout`` seconds (it is then abandoned: the thread is a daemon)."""
         with self._cv:
             self._stopping = True
-            dropped = [f for _, f in self._control] + [s.future for s in self._samples]
-            dropped += [f for o in self._ordered.values() for _, f in o.pending.values()]
-            self._control.clear()
+            dropped = [j.future for j in self._jobs] + [s.future for s in self._samples]
+            self._jobs.clear()
             self._samples.clear()
-            for o in self._ordered.values():
-                o.pending.clear()
             self._cv.notify()
         for f in dropped:
             f.set_exception(ShuttingDown("the server is shutting down; this request was not run"))
@@ -157,23 +128,18 @@ class Worker:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                self._skip_stale_gaps()
-                while not self._stopping and not self._has_work():
+                while not self._stopping and not (self._jobs or self._samples):
                     self._progress = time.monotonic()  # idle is not stalled
-                    self._cv.wait(timeout=1.0)
-                    self._skip_stale_gaps()
+                    self._cv.wait(timeout=1.0)  # so the mark stays fresh however long the idle
                 if self._stopping:
                     return
-                control = list(self._control)
-                self._control.clear()
+                jobs = list(self._jobs)
+                self._jobs.clear()
                 batch = self._take_sample_batch()
-                training = self._take_ready()
-            for fn, future in control:
-                self._timed("control", self._run, fn, future)
+            for job in jobs:
+                self._timed(job.kind, self._run, job)
             if batch:
                 self._timed("sample", self._run_samples, batch)
-            for fn, future in training:
-                self._timed("train", self._run, fn, future)
 
     def _timed(self, kind: str, run: Callable, *args) -> None:
         with self._cv:
@@ -184,38 +150,6 @@ class Worker:
             with self._cv:
                 self._running = None
                 self._progress = time.monotonic()
-
-    def _has_work(self) -> bool:
-        if self._control or self._samples:
-            return True
-        return any(o.next_seq in o.pending for o in self._ordered.values())
-
-    def _take_ready(self) -> list[tuple[Callable[[Trainer], Any], Future]]:
-        ready = []
-        keys = list(self._ordered)
-        start = next(self._rr) % len(keys) if keys else 0
-        for key in keys[start:] + keys[:start]:
-            order = self._ordered[key]
-            job = order.pending.pop(order.next_seq, None)
-            if job is not None:
-                order.next_seq += 1
-                order.waiting_since = None
-                ready.append(job)
-        return ready
-
-    def _skip_stale_gaps(self) -> None:
-        now = time.monotonic()
-        for key, order in self._ordered.items():
-            if not order.pending or order.next_seq in order.pending:
-                continue
-            if order.waiting_since is None:
-                order.waiting_since = now
-            elif now - order.waiting_since > GAP_SECONDS:
-                lowest = min(order.pending)
-                log.warning("model %s: seq_id %d never came in %.0f s; going on with %d", key, order.next_seq,
-                            GAP_SECONDS, lowest)
-                order.next_seq = lowest
-                order.waiting_since = None
 
     def _take_sample_batch(self) -> list[_SampleItem]:
         """Round-robin over the waiting sessions so one client's flood cannot crowd out another."""
@@ -234,15 +168,13 @@ class Worker:
         self._samples = deque(i for i in self._samples if id(i) not in taken)
         return batch
 
-    def _run(self, fn: Callable[[Trainer], Any], future: Future) -> None:
-        if not future.set_running_or_notify_cancel():
+    def _run(self, job: _Job) -> None:
+        if not job.future.set_running_or_notify_cancel():
             return
         try:
-            future.set_result(fn(self.trainer))
+            job.future.set_result(job.run(self.trainer))
         except BaseException as e:  # the worker must outlive any one job
-            if not isinstance(e, ColoError):
-                log.exception("job failed")
-            future.set_exception(e)
+            _fail(job.future, e, f"a {job.kind} job")
 
     def _run_samples(self, batch: list[_SampleItem]) -> None:
         """One engine call for the whole batch; a job that fails its own checks fails alone."""
@@ -255,9 +187,7 @@ class Worker:
                 job = item.resolve(self.trainer)
                 self.trainer.check_sample_job(job)
             except BaseException as e:
-                if not isinstance(e, ColoError):
-                    log.exception("sample request failed")
-                item.future.set_exception(e)
+                _fail(item.future, e, "a sample request")
                 continue
             jobs.append(job)
             items.append(item)
@@ -266,10 +196,8 @@ class Worker:
         try:
             results: list[SampleResult] = self.trainer.sample_batch(jobs)
         except BaseException as e:
-            if not isinstance(e, ColoError):
-                log.exception("sample batch failed")
             if len(jobs) == 1:
-                items[0].future.set_exception(e)
+                _fail(items[0].future, e, "a sample request")
                 return
             # whatever failed the batch must fail only the request that caused it: each runs again alone
             log.warning("a sample batch of %d requests failed (%s); running each alone", len(jobs), e)
@@ -291,7 +219,5 @@ class Worker:
             item.future.set_result(self.trainer.sample_batch([job])[0])
             return None
         except BaseException as e:
-            if not isinstance(e, ColoError):
-                log.exception("sample request failed")
-            item.future.set_exception(e)
+            _fail(item.future, e, "a sample request")
             return e
