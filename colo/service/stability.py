@@ -55,9 +55,6 @@ class StabilityRecords:
             self._tokens += len(prompt) + len(tokens)
             self._expire()
 
-    def __len__(self) -> int:
-        return len(self._items)
-
     def use_recorded_logprobs(self, tenant: str, data: list[Datum], spans: list[list[Span]]) -> None:
         """For ``stable_reinforce``: each datum's ``logprobs`` input becomes the recorded sampler logprobs."""
         for i, (d, datum_spans) in enumerate(zip(data, spans)):
