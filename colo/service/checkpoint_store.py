@@ -55,16 +55,21 @@ class CheckpointStore:
             p.unlink(missing_ok=True)
         return len(stale)
 
-    def file(self, tenant: str, model_id: str, kind: str, name: str) -> Path:
-        # fullmatch: ``$`` alone would let a name end in a newline
+    def model_dir(self, tenant: str, model_id: str) -> Path:
+        """The model's folder; a client's id is checked here, before it becomes part of any path."""
+        # fullmatch: ``$`` alone would let an id end in a newline
         if not isinstance(model_id, str) or not _ID.fullmatch(model_id):
             raise InvalidRequestError(f"model id {model_id!r}; allowed: 1-160 letters, digits, '_', ':' or '-'")
+        return self.root / tenant / model_id
+
+    def file(self, tenant: str, model_id: str, kind: str, name: str) -> Path:
+        folder = self.model_dir(tenant, model_id)
         if kind not in KINDS:
             raise InvalidRequestError(f"checkpoint kind {kind!r}; allowed: {', '.join(KINDS)}")
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise InvalidRequestError(f"checkpoint name {name!r}; allowed: 1-128 letters, digits, '.', '_' or '-', "
                                       "not starting with '.'")
-        path = (self.root / tenant / model_id / kind / f"{name}.safetensors").resolve()
+        path = (folder / kind / f"{name}{SUFFIX}").resolve()
         if not path.is_relative_to(self.root / tenant):  # the patterns already rule this out; belt and braces
             raise InvalidRequestError(f"checkpoint name {name!r} leaves the checkpoint directory")
         return path
@@ -79,8 +84,9 @@ class CheckpointStore:
     def list(self, tenant: str, model_id: str) -> list[Stored]:
         """The model's checkpoints, oldest first."""
         out = []
+        model_dir = self.model_dir(tenant, model_id)
         for kind in KINDS:
-            folder = self.root / tenant / model_id / kind
+            folder = model_dir / kind
             for f in folder.glob(f"*{SUFFIX}") if folder.is_dir() else ():
                 name = f.name.removesuffix(SUFFIX)
                 if not _NAME.fullmatch(name):

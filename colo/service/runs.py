@@ -49,7 +49,6 @@ class Runs:
                                        cursor=tt.Cursor(offset=offset, limit=limit, total_count=len(ids)))
 
     def checkpoints(self, tenant: str, model_id: str) -> tt.CheckpointsListResponse:
-        self._store.file(tenant, model_id, "weights", "x")  # the id's pattern
         return tt.CheckpointsListResponse(checkpoints=[checkpoint_view(c) for c in self._store.list(tenant, model_id)])
 
     def user_checkpoints(self, tenant: str, limit: int, offset: int) -> tt.CheckpointsListResponse:
