@@ -105,6 +105,10 @@ class Config(BaseSettings):
         "so sampler and trainer logprobs then differ by the quantization error."))
     vllm_attention_backend: str | None = Field(None, description=(
         "vllm engine: attention backend name (e.g. `FLASH_ATTN`, `FLASHINFER`; None: vLLM chooses)."))
+    vllm_sleep_offload_cudagraphs: bool = Field(True, description=(
+        "vllm engine on CUDA: while asleep, back up CUDA-graph memory to the host too (vLLM's "
+        "`sleep_mode_offload_cudagraph`), so sleep frees it for training and the reclaimed bytes count it; "
+        "restored in place on wake. Used where the installed vLLM has the option (0.32 and later)."))
     vllm_engine_args: dict[str, Any] = Field(default_factory=dict, description=(
         "More arguments for the vllm engine, a JSON object of `vllm.EngineArgs` fields: the tuning knobs, e.g. "
         "`{\"kv_cache_dtype\": \"fp8\", \"max_num_seqs\": 128, \"enforce_eager\": true, "

@@ -8,9 +8,14 @@ Trainer trains, each version registered from memory the moment ``optim_step`` pu
   the version's name and id, so a new version can never be served an old version's entries.
 - Raw logprobs (``logprobs_mode="raw_logprobs"``): the same numbers the trainer computes.
 - Sleep (CUDA only): level 1 (the default) offloads the weights to CPU and drops the KV cache;
-  level 2 discards the weights too, so waking reloads them from disk. After either, vLLM's LoRA
-  cache is emptied and refilled from colo's copies on the next sample, so no LoRA slot can come
-  back stale from a sleep.
+  level 2 discards the weights too, so waking reloads them from disk. CUDA-graph memory is offloaded
+  too where vLLM can (COLO_VLLM_SLEEP_OFFLOAD_CUDAGRAPHS). Where the installed vLLM's wake is not
+  known to restore LoRA slots (``vllm_lora.wake_keeps_lora_slots``), vLLM's LoRA cache is emptied
+  and refilled from colo's copies on the next sample, so no slot can come back stale.
+- Failures leave a known state: a failed sleep wakes the workers themselves (vLLM would not: it
+  marks itself asleep only once every worker has slept), or marks the engine dead with one clear
+  error on every later sample; a wake that would not fit in free memory is refused before vLLM
+  starts mapping; shutdown wakes first, and never destroys a process group colo's launcher made.
 """
 
 from __future__ import annotations
@@ -21,17 +26,20 @@ import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from colo.errors import ConfigError, EngineError, InvalidRequestError
 from colo.peft_files import write_peft
 from colo.types import SampledSequence
-from engines import vllm_lora
+from engines import vllm_lora, vllm_memory
 from engines.base import (AdapterUpdate, Capabilities, EngineContext, EngineSettings, InferenceEngine, SampleRequest,
                           Samples)
+from engines.torch_threads import ThreadCounts
 from engines.versions import Published, VersionTable
 
 log = logging.getLogger(__name__)
@@ -53,6 +61,7 @@ class VLLMSettings(EngineSettings):
     vllm_enforce_eager: bool = False
     vllm_quantization: str | None = None
     vllm_attention_backend: str | None = None
+    vllm_sleep_offload_cudagraphs: bool = True
     vllm_engine_args: dict = field(default_factory=dict)
 
 
@@ -63,6 +72,7 @@ COLO_CONTROLS = {
     "max_cpu_loras": "COLO_MAX_LORAS", "gpu_memory_utilization": "COLO_GPU_MEMORY_UTILIZATION",
     "tensor_parallel_size": "COLO_TENSOR_PARALLEL_SIZE", "enable_sleep_mode": "COLO_SLEEP_LEVEL",
     "logprobs_mode": "(raw logprobs, always)", "seed": "COLO_SEED", "distributed_executor_backend": "(torchrun)",
+    "sleep_mode_offload_cudagraph": "COLO_VLLM_SLEEP_OFFLOAD_CUDAGRAPHS",
 }
 
 
@@ -107,13 +117,24 @@ def check_settings(config, under_torchrun: bool, world_size: int) -> None:
                               "allowed: a field of vllm.engine.arg_utils.EngineArgs")
 
 
-def check_memory_share(share: float, free: int, total: int) -> None:
-    """vLLM takes ``share`` of the GPU's total memory, and it must be free now, beside the trainer's weights."""
-    if share * total > free:
-        fits = int(free / total * 100) / 100
-        raise ConfigError(f"COLO_GPU_MEMORY_UTILIZATION={share}: vLLM would take {share * total / 2**30:.1f} GiB and "
-                          f"{free / 2**30:.1f} GiB of {total / 2**30:.1f} GiB are free (the trainer holds the rest); "
-                          f"allowed: at most {fits}")
+def check_dtype(dtype: torch.dtype, on_gpu: bool) -> None:
+    """vLLM's CUDA LoRA kernels (Triton shrink/expand) assert float16 or bfloat16, and vLLM runs them at
+    start-up with dummy adapters: float32 would end in a bare AssertionError. vLLM on CPU takes float32."""
+    if on_gpu and dtype == torch.float32:
+        raise ConfigError("COLO_DTYPE=float32 (or `auto` on a GPU without bfloat16) with COLO_ENGINE=vllm: vLLM's "
+                          "CUDA LoRA kernels take bfloat16 or float16 only; allowed: COLO_DTYPE=bfloat16 or float16, "
+                          "or COLO_ENGINE=pytorch to sample in float32")
+
+
+def sleep_arguments(config, on_gpu: bool) -> dict:
+    """vLLM's sleep-mode arguments: sleep on CUDA, with CUDA-graph memory offloaded where this vLLM can."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    kwargs = {"enable_sleep_mode": on_gpu}
+    if on_gpu and config.vllm_sleep_offload_cudagraphs and "sleep_mode_offload_cudagraph" in {
+            f.name for f in dataclasses.fields(EngineArgs)}:
+        kwargs["sleep_mode_offload_cudagraph"] = True
+    return kwargs
 
 
 class _PlatformCapabilities:
@@ -157,9 +178,12 @@ class VLLMEngine(InferenceEngine):
 
         on_gpu = current_platform.is_cuda_alike()
         check_settings(config, context.torchrun, context.world_size)
+        check_dtype(context.dtype, on_gpu)
+        free_before = None
         if on_gpu:
-            free, total = torch.cuda.mem_get_info()
-            check_memory_share(config.gpu_memory_utilization, free, total)
+            vllm_memory.check_allocator_empty(vllm_memory.sleep_allocator())
+            free_before, total = torch.cuda.mem_get_info()
+            vllm_memory.check_memory_share(config.gpu_memory_utilization, free_before, total)
         self.max_loras = config.max_loras
         kwargs: dict = {}
         if not on_gpu and not vllm_lora.install_cpu_ops():
@@ -175,23 +199,35 @@ class VLLMEngine(InferenceEngine):
         if context.torchrun:
             kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update({k: v for k, v in knobs(config).items() if v is not None})
-        self.llm = LLM(
-            model=context.model_path,
-            tokenizer=context.model_path,
-            dtype=_DTYPES[context.dtype],  # the trainer's dtype: logprobs must agree
-            max_model_len=context.max_model_len,
-            enable_lora=True,
-            max_loras=config.max_loras,
-            max_lora_rank=config.max_lora_rank,
-            # the newest version of each adapter, plus one replaced version still finishing
-            max_cpu_loras=2 * config.max_loras,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            tensor_parallel_size=config.tensor_parallel_size,
-            enable_sleep_mode=on_gpu,
-            logprobs_mode="raw_logprobs",
-            seed=config.seed,
-            **{**kwargs, **config.vllm_engine_args},  # the user's tuning wins over colo's platform defaults
-        )
+        # a process group that exists now is the launcher's (colo's, under torchrun with several ranks):
+        # vLLM joins it, and its shutdown must leave it
+        self._keeps_process_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.threads = ThreadCounts()
+        with self.threads.starting_engine():
+            self.llm = LLM(
+                model=context.model_path,
+                tokenizer=context.model_path,
+                dtype=_DTYPES[context.dtype],  # the trainer's dtype: logprobs must agree
+                max_model_len=context.max_model_len,
+                enable_lora=True,
+                max_loras=config.max_loras,
+                max_lora_rank=config.max_lora_rank,
+                # the newest version of each adapter, plus one replaced version still finishing
+                max_cpu_loras=2 * config.max_loras,
+                gpu_memory_utilization=config.gpu_memory_utilization,
+                tensor_parallel_size=config.tensor_parallel_size,
+                logprobs_mode="raw_logprobs",
+                seed=config.seed,
+                **sleep_arguments(config, on_gpu),
+                **{**kwargs, **config.vllm_engine_args},  # the user's tuning wins over colo's platform defaults
+            )
+        # what the start-up check predicted vLLM would take, and what it took (CUDA only)
+        self.memory_at_start: tuple[int, int] | None = None
+        if free_before is not None:
+            self.memory_at_start = (int(config.gpu_memory_utilization * total),
+                                    free_before - torch.cuda.mem_get_info()[0])
+        self._dead: str | None = None  # why the engine cannot serve any more, once it cannot
+        self._flush_lora_on_wake = not vllm_lora.wake_keeps_lora_slots(_vllm_version())
         self.lora_dtype: torch.dtype = self.llm.llm_engine.vllm_config.lora_config.lora_dtype
         self.sleep_level: int | None = None
         self.versions = VersionTable(release=self._unregister)
@@ -219,10 +255,11 @@ class VLLMEngine(InferenceEngine):
         self._configs[published.int_id] = {**config, "lora_alpha": config["r"]}
         if not self.capabilities.in_memory_adapter_loading:
             self._write(published)
-        elif self.sleep_level is None:
+        elif self.sleep_level is None and self._dead is None:
             self._register(published)
-        # asleep (optim_step sleeps the engine, then publishes): wake() empties vLLM's LoRA cache anyway,
-        # and the next sample registers what it names from colo's copy: one registration per version
+        # asleep (optim_step sleeps the engine, then publishes): the next sample registers what it names
+        # from colo's copy (a wake may empty vLLM's LoRA cache anyway): one registration per version.
+        # A dead engine keeps the copy too, for the engine set_engine starts next.
 
     def release(self, adapter: str) -> None:
         self.versions.drop(adapter)
@@ -249,10 +286,16 @@ class VLLMEngine(InferenceEngine):
             raise InvalidRequestError(f"the vllm engine refuses these sampling parameters: {e}") from None
 
     def sample(self, requests: list[SampleRequest]) -> list[Samples]:
+        self._check_alive()
         results: list[Samples] = []
-        for group in _by_adapter_slots(requests, self.max_loras):
-            results += self._sample_group(group)
+        with self.threads.engine_calls():
+            for group in _by_adapter_slots(requests, self.max_loras):
+                results += self._sample_group(group)
         return results
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineError(self._dead)
 
     def _sample_group(self, requests: list[SampleRequest]) -> list[Samples]:
         try:
@@ -344,37 +387,65 @@ class VLLMEngine(InferenceEngine):
 
     def sleep(self, level: int) -> int | None:
         """Sleep at ``level``; the bytes vLLM's allocator released (what it backed up to the host or
-        dropped), not a change in free memory: vLLM's sleep also empties torch's cache, which holds the
-        trainer's blocks too."""
-        awake_before = _allocator_awake_bytes()
+        dropped, CUDA graphs included where they are offloaded), not a change in free memory: vLLM's
+        sleep also empties torch's cache, which holds the trainer's blocks too."""
+        self._check_alive()
+        allocator = vllm_memory.sleep_allocator()
+        awake_before = None if allocator is None else vllm_memory.awake_bytes(allocator)
         try:
-            self.llm.sleep(level=level)
+            with self.threads.engine_calls():
+                self.llm.sleep(level=level)
         except Exception as e:
-            # vLLM pauses its scheduler before it offloads: a sleep that fails midway would leave it paused
-            # while colo believes it awake. Wake it (whatever was released comes back) and say so.
-            log.exception("vLLM failed to sleep at level %d; waking it", level)
-            self.sleep_level = level
-            self.wake()
-            raise EngineError(f"the vllm engine failed to sleep ({type(e).__name__}: {e}); it was woken again") from e
+            log.exception("vLLM failed to sleep at level %d; waking its workers", level)
+            self._wake_after_failed_sleep(level, e)
         self.sleep_level = level
-        awake_after = _allocator_awake_bytes()
-        return None if awake_before is None or awake_after is None else awake_before - awake_after
+        return None if allocator is None else awake_before - vllm_memory.awake_bytes(allocator)
+
+    def _wake_after_failed_sleep(self, level: int, error: Exception) -> None:
+        """vLLM paused its scheduler, then its workers freed some or all of their memory, then one
+        failed; it marks itself asleep only once every worker has returned, and its ``wake_up`` does
+        nothing while nothing is marked, yet resumes the scheduler, whose next step would read unmapped
+        memory. So the workers are woken directly (whatever they unmapped is mapped back, at level 2
+        the weights reloaded), then vLLM's own wake clears any mark and resumes scheduling. Raises."""
+        try:
+            with self.threads.engine_calls():
+                self.llm.collective_rpc("wake_up", kwargs={"tags": None})
+                if level == 2:
+                    self.llm.collective_rpc("reload_weights")
+                self.llm.wake_up()
+                self._forget_lora_slots(level)
+        except Exception as wake_error:
+            self._dead = (f"the vllm engine is unusable: it failed to sleep ({type(error).__name__}: {error}) and "
+                          f"then to wake ({type(wake_error).__name__}: {wake_error}); training goes on. Allowed: "
+                          "Trainer.set_engine(...) to sample elsewhere, or a restart of the process")
+            raise EngineError(self._dead) from wake_error
+        raise EngineError(f"the vllm engine failed to sleep at level {level} ({type(error).__name__}: {error}); "
+                          "its workers were woken again and it serves as before") from error
 
     def wake(self) -> None:
-        if self.sleep_level == 2:
-            # the weights were discarded, not saved: reload them before the KV cache takes memory
-            self.llm.wake_up(tags=["weights"])
-            self.llm.collective_rpc("reload_weights")
-            self.llm.wake_up(tags=["kv_cache"])
-        else:
-            self.llm.wake_up()
-        # LoRA slots live in memory that sleep moved (level 1) or dropped (level 2), and a wake has
-        # been seen to leave them stale (vLLM #39934, #53888): empty vLLM's LoRA cache, so the next
-        # sample rewrites every slot from colo's copy of its version (about 3 ms an adapter)
-        for p in self.versions.live():
-            self.llm.collective_rpc("remove_lora", args=(p.int_id,))
-        self.llm.reset_prefix_cache()
+        self._check_alive()
+        allocator, free = vllm_memory.sleep_allocator(), vllm_memory.free_device_bytes()
+        if allocator is not None and free is not None:
+            vllm_memory.check_wake_memory(vllm_memory.asleep_bytes(allocator), free)
+        with self.threads.engine_calls():
+            if self.sleep_level == 2:
+                # the weights were discarded, not saved: reload them before the KV cache takes memory
+                self.llm.wake_up(tags=["weights"])
+                self.llm.collective_rpc("reload_weights")
+                self.llm.wake_up(tags=["kv_cache"])
+            else:
+                self.llm.wake_up()
+            self._forget_lora_slots(self.sleep_level)
         self.sleep_level = None
+
+    def _forget_lora_slots(self, level: int | None) -> None:
+        """After a wake: where this vLLM's wake is not known to bring LoRA slots back as they were (a wake
+        has been seen to leave them stale, vLLM #53888), empty its LoRA cache, so the next sample rewrites
+        every slot from colo's copy of its version (about 3 ms an adapter); and reset the prefix cache."""
+        if self._flush_lora_on_wake and level is not None:
+            for p in self.versions.live():
+                self.llm.collective_rpc("remove_lora", args=(p.int_id,))
+        self.llm.reset_prefix_cache()
 
     def describe(self) -> list[str]:
         failures = vllm_lora.assumption_failures()
@@ -384,34 +455,54 @@ class VLLMEngine(InferenceEngine):
         return [f"in-memory LoRA registration: {why}"]
 
     def shutdown(self) -> None:
-        """Release vLLM: its engine, its model-parallel groups (and the distributed state it created
-        itself), its cached GPU memory, so a new engine can start in this process."""
+        """Release vLLM: its engine core, its model-parallel groups (and the distributed state it created
+        itself, never the launcher's), its cached GPU memory, so a new engine can start in this process."""
         import gc
-
-        from vllm.distributed import parallel_state
 
         shutil.rmtree(self._dir, ignore_errors=True)
         if self.llm is None:
             return
-        self.llm = None
+        llm, self.llm = self.llm, None
+        if self.sleep_level is not None and self._dead is None:
+            # vLLM frees each of its allocations as if it were mapped: asleep, that is CUDA errors at exit
+            # and a stale error for the next engine (cumem.py special-cases only ROCm)
+            try:
+                self.llm = llm
+                self.wake()
+            except Exception as e:
+                log.warning("vLLM could not be woken before its shutdown (%s); CUDA may report errors freeing it", e)
+            finally:
+                self.llm = None
+        # explicitly, not when the last reference goes: vLLM's EngineCore.shutdown lets the objects it froze
+        # out of the collector's reach back (gc.freeze at start-up) and tears down its distributed state,
+        # which destroys the default process group, the launcher's if there was one before vLLM
+        with _default_process_group_kept(self._keeps_process_group):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
         gc.collect()
-        parallel_state.destroy_model_parallel()
-        if not self.context.torchrun:  # under torchrun the process group is the launcher's, not vLLM's
-            parallel_state.destroy_distributed_environment()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
-def _allocator_awake_bytes() -> int | None:
-    """Bytes vLLM's sleep-mode allocator holds on the GPU now; None where it is not in use (CPU)."""
-    if not torch.cuda.is_available():
-        return None
+@contextmanager
+def _default_process_group_kept(keep: bool) -> Iterator[None]:
+    """Within the block, ``torch.distributed.destroy_process_group`` destroys only the groups it is named
+    (vLLM's own), not the default group, when ``keep``."""
+    dist = torch.distributed
+    if not keep:
+        yield
+        return
+    real = dist.destroy_process_group
+
+    def destroy_named_only(group=None):
+        if group is not None and group is not dist.GroupMember.WORLD:
+            real(group)
+
+    dist.destroy_process_group = destroy_named_only
     try:
-        from vllm.device_allocator.cumem import CuMemAllocator
-    except ImportError:
-        return None
-    allocator = CuMemAllocator.get_instance()
-    return sum(d.handle[1] for d in allocator.pointer_to_data.values() if not d.is_asleep)
+        yield
+    finally:
+        dist.destroy_process_group = real
 
 
 def _by_adapter_slots(requests: list[SampleRequest], slots: int) -> list[list[SampleRequest]]:

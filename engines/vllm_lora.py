@@ -25,6 +25,18 @@ import torch
 CHECKED_VERSIONS = ("0.32.", "0.33.")
 
 
+# vLLM versions whose wake, read in their CUDA source, brings every LoRA slot back as it was: 0.33 keeps
+# LoRA state in its "runtime" pool, backed up and restored at both sleep levels
+# (v1/worker/lora_model_runner_mixin.py: "Keep LoRA state out of the weights pool, which level-2 sleep
+# discards"), and its level-2 reload_weights drops every adapter itself (reset_lora_state). 0.32 allocates
+# the slots inside the weights pool. Elsewhere colo empties vLLM's LoRA cache after each wake.
+WAKE_KEEPS_LORA_SLOTS = ("0.33.",)
+
+
+def wake_keeps_lora_slots(version: str) -> bool:
+    return version.startswith(WAKE_KEEPS_LORA_SLOTS)
+
+
 def supported() -> bool:
     """The shim is on for the vLLM versions it was checked against, when their interfaces are as expected."""
     import vllm

@@ -71,10 +71,15 @@ def test_split_sampling_comes_back_in_order_with_the_right_versions(runs):
 
 def test_one_vllm_engine_tensor_parallel_across_the_two_ranks(tiny_model_dir, tmp_path):
     """COLO_ENGINE=vllm with COLO_TENSOR_PARALLEL_SIZE=2 under 2 ranks: one engine sharded over both
-    (external_launcher), driven by every rank with the same calls; training stays data parallel."""
-    proc = _run(tiny_model_dir, tmp_path / "tp", 2, "--engine", "vllm")
+    (external_launcher), driven by every rank with the same calls; training stays data parallel; then
+    the engine is switched for another in the same processes."""
+    proc = _run(tiny_model_dir, tmp_path / "tp", 2, "--engine", "vllm", "--switch-engine", "pytorch")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (r0, w0), (r1, w1) = _load(tmp_path / "tp", 0), _load(tmp_path / "tp", 1)
+    # then the pytorch engine in both processes: vLLM's shutdown left torchrun's process group alone (its own
+    # teardown destroys the default group), so the ranks still sum gradients over it, with colo's timeout,
+    # and the new engine samples the newest version
+    assert r0["switched"] == r1["switched"] == {"same_group": True, "engine": "pytorch", "versions": [4]}
     assert r0["engine"] == r1["engine"] == "vllm"
     assert r0["samples"] == r1["samples"]
     assert [s["version"] for s in r0["samples"]] == [None if i % 3 == 0 else 3 for i in range(len(r0["samples"]))]

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from colo import Config, ConfigError
-from engines.vllm_engine import check_memory_share, check_settings
+from engines.vllm_engine import check_settings
+from engines.vllm_memory import check_memory_share
 
 
 @pytest.mark.parametrize("rank", [24, 2, 500])
@@ -47,9 +48,12 @@ def test_unknown_engine_args_are_refused_and_known_ones_pass():
 def test_a_memory_share_that_is_not_free_names_the_largest_that_fits():
     gib = 2**30
     with pytest.raises(ConfigError, match=r"COLO_GPU_MEMORY_UTILIZATION=0.9: vLLM would take 72.0 GiB and 30.0 GiB "
-                                          r"of 80.0 GiB are free .*allowed: at most 0.37"):
+                                          r"of 80.0 GiB are free .*allowed: at most 0.36"):
         check_memory_share(0.9, free=30 * gib, total=80 * gib)
-    check_memory_share(0.37, free=30 * gib, total=80 * gib)
+    check_memory_share(0.36, free=30 * gib, total=80 * gib)
+    # 29.6 GiB fit in 30 GiB, but not with vLLM's own start-up work beside them (its check comes after it)
+    with pytest.raises(ConfigError, match=r"512 MiB stay aside for vLLM's start-up\); allowed: at most 0.36"):
+        check_memory_share(0.37, free=30 * gib, total=80 * gib)
 
 
 def test_engine_args_must_be_a_json_object(monkeypatch):
@@ -69,12 +73,21 @@ def test_engine_args_reach_vllm(tiny_model_dir):
 
 
 SWITCH = """
+import gc, weakref
 from colo import ConfigError, SamplingParams, Trainer
 t = Trainer(model={model!r}, engine="vllm", dtype="float32", max_lora_rank=16)
 a = t.create_lora(rank=8, seed=1)
 greedy = SamplingParams(max_tokens=4, temperature=0)
 first = t.sample(a, [[5, 6, 7]], 1, greedy)[0].sequences[0].tokens
+old = t.engine
+old.sleep(1)  # asleep at the switch: on CUDA vLLM would free its unmapped memory as if mapped
+woken = []
+real_wake = old.wake
+old.wake = lambda: (woken.append(old.sleep_level), real_wake())
+llm = weakref.ref(old.llm)
 t.set_engine("vllm")  # a second vLLM engine in this process, after the first is released
+gc.collect()
+print("WOKEN", woken, "RELEASED", llm() is None)
 assert t.sample(a, [[5, 6, 7]], 1, greedy)[0].sequences[0].tokens == first
 try:
     t.set_engine("vllm", max_lora_rank=24)  # refused at start-up: the previous engine comes back
@@ -90,6 +103,7 @@ def test_a_new_vllm_engine_starts_in_the_same_process_and_a_failed_switch_keeps_
     proc = subprocess.run([sys.executable, "-c", SWITCH.format(model=str(tiny_model_dir))], capture_output=True,
                           text=True, timeout=300)
     assert "SWITCHED" in proc.stdout, proc.stderr[-3000:]
+    assert "WOKEN [1] RELEASED True" in proc.stdout  # woken before its shutdown, then let go of entirely
     assert "REFUSED COLO_MAX_LORA_RANK=24" in proc.stdout
 
 

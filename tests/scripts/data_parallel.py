@@ -1,6 +1,7 @@
 """SPMD training and sampling, run as ``python`` (one rank) or ``torchrun --nproc_per_node=N`` (N ranks).
 
     data_parallel.py MODEL_DIR OUT_DIR [--die-after-step K | --hang-after-step K] [--timeout SECONDS] [--engine vllm]
+                     [--switch-engine ENGINE]
 
 Every rank makes the same calls; each writes what it ended with to OUT_DIR/rank-R.json and
 OUT_DIR/rank-R.pt (its adapter's weights), and the Trainer writes the checkpoint once.
@@ -56,9 +57,23 @@ samples = [{"adapter": r.adapter, "version": r.adapter_version, "tokens": [s.tok
 gap = max(abs(a - b) for job, r in zip(jobs, results) for seq in r.sequences
           for a, b in zip(trainer.compute_logprobs(job.adapter, list(job.prompt) + seq.tokens)[len(job.prompt):],
                           seq.logprobs))
+sampled_with = trainer.engine.name
+switched = None
+if "--switch-engine" in sys.argv:
+    # another engine in the same processes: the old one's shutdown must leave the ranks' process group (the
+    # launcher's) as it was, and training and sampling go on
+    world = torch.distributed.group.WORLD
+    trainer.set_engine(sys.argv[sys.argv.index("--switch-engine") + 1])
+    same_group = torch.distributed.is_initialized() and torch.distributed.group.WORLD is world
+    trainer.forward_backward(adapter, data)  # sums gradients over the ranks
+    trainer.optim_step(adapter, AdamParams(learning_rate=0.0))
+    again = trainer.sample_batch(jobs)
+    switched = {"same_group": same_group, "engine": trainer.engine.name,
+                "versions": sorted({r.adapter_version for r in again if r.adapter is not None})}
 saved = trainer.save_state(adapter, out / "checkpoint.safetensors")
 (out / f"rank-{rank}.json").write_text(json.dumps({
     "world": trainer.ranks.world, "losses": losses, "logprob_lengths": logprob_lengths, "samples": samples,
-    "saved": saved, "version": trainer.version(adapter), "engine": trainer.engine.name, "logprob_gap": gap}))
+    "saved": saved, "version": trainer.version(adapter), "engine": sampled_with, "logprob_gap": gap,
+    "switched": switched}))
 torch.save({k: p.detach().clone() for k, p in trainer.adapters[adapter].params.items()}, out / f"rank-{rank}.pt")
 trainer.close()
