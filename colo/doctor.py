@@ -35,7 +35,11 @@ def _version(package: str) -> str:
     return "not installed"
 
 
-def _device() -> str:
+def versions() -> str:
+    return ", ".join(f"{p} {_version(p)}" for p in ("torch", "transformers", "peft", "vllm"))
+
+
+def describe_device() -> str:
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
         return f"{torch.cuda.get_device_name()} ({total / 2**30:.0f} GiB, {free / 2**30:.1f} GiB free)"
@@ -55,8 +59,8 @@ def run(config: Config) -> int:
             problems.append(line)
 
     print("colo doctor", flush=True)
-    print(f"  device: {_device()}")
-    print("  versions: " + ", ".join(f"{p} {_version(p)}" for p in ("torch", "transformers", "peft", "vllm")))
+    print(f"  device: {describe_device()}")
+    print(f"  versions: {versions()}")
     started = time.perf_counter()
     trainer = Trainer(config)
     print(f"  model: {trainer.model_path} ({trainer.policy.dtype}), ready in {time.perf_counter() - started:.1f} s")

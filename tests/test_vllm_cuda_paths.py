@@ -5,6 +5,8 @@ is stood in for by spies named for it; each follows vLLM 0.33's CUDA source, cit
 """
 
 
+import dataclasses
+
 import pytest
 import torch
 from vllm.device_allocator import AllocationData
@@ -207,3 +209,32 @@ def test_a_wake_that_would_not_fit_is_refused_with_both_figures_and_the_engine_s
     monkeypatch.setattr(vllm_memory, "free_device_bytes", lambda: 4 * GIB)
     engine.wake()
     assert woken == [None] and engine.sleep_level is None
+
+
+# ---- colo doctor --gpu: its freshness check catches a stale sampler -----------------------------------------
+
+def test_the_gpu_checks_freshness_test_catches_weights_published_one_step_late(vllm_trainer, make_vllm_adapter,
+                                                                               monkeypatch):
+    from colo import gpu_check
+    from engines.base import AdapterUpdate
+
+    adapter = make_vllm_adapter(seed=11)
+    assert not vllm_trainer._scores_prompts()  # the engine scores the probe itself
+    assert gpu_check.fresh_weights(vllm_trainer, adapter, cycles=2).status == "ok"
+
+    # the bug the check is for: each version's label is right, its weights are the previous version's
+    engine, real = vllm_trainer.engine, vllm_trainer.engine.publish
+    previous: dict = {}
+
+    def publish_one_step_late(update: AdapterUpdate) -> None:
+        late = previous.get(update.key.adapter, update)
+        previous[update.key.adapter] = dataclasses.replace(update, tensors={k: v.detach().clone()
+                                                                              for k, v in update.tensors.items()})
+        real(dataclasses.replace(late, key=update.key))
+
+    monkeypatch.setattr(engine, "publish", publish_one_step_late)
+    row = gpu_check.fresh_weights(vllm_trainer, adapter, cycles=3)
+    # the spy's first publish has no earlier version to hand out; the next two are a step late
+    assert row.status == "FAIL" and row.figures.startswith("2 stale of 3"), row.figures
+    assert [c["fresh"] for c in row.data["cycles"]] == [True, False, False]
+    assert all(c["version"] == c["expected_version"] for c in row.data["cycles"])  # the labels alone pass
