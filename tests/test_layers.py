@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # what every engine may import from colo/
 SMALL_CORE = {"colo.types", "colo.errors", "colo.config", "colo.peft_files", "colo.durable"}
 # the Trainer's side, and what stands on it: every other module of colo/ is core and imports no engine
-ABOVE_ENGINES = {"colo", "colo.trainer", "colo.sleep", "colo.doctor", "colo.cli"}
+ABOVE_ENGINES = {"colo", "colo.trainer", "colo.sleep", "colo.doctor", "colo.gpu_check", "colo.cli"}
 
 
 def module_name(path: Path) -> str:
