@@ -108,7 +108,9 @@ class Config(BaseSettings):
     vllm_sleep_offload_cudagraphs: bool = Field(True, description=(
         "vllm engine on CUDA: while asleep, back up CUDA-graph memory to the host too (vLLM's "
         "`sleep_mode_offload_cudagraph`), so sleep frees it for training and the reclaimed bytes count it; "
-        "restored in place on wake. Used where the installed vLLM has the option (0.32 and later)."))
+        "restored in place on wake (it costs a copy each way; with tensor parallelism vLLM's all-reduce then "
+        "copies graph buffers instead of registering them). Used where the installed vLLM has the option "
+        "(0.32 and later)."))
     vllm_engine_args: dict[str, Any] = Field(default_factory=dict, description=(
         "More arguments for the vllm engine, a JSON object of `vllm.EngineArgs` fields: the tuning knobs, e.g. "
         "`{\"kv_cache_dtype\": \"fp8\", \"max_num_seqs\": 128, \"enforce_eager\": true, "

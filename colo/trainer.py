@@ -10,11 +10,13 @@ declared ``@collective`` (every torchrun rank makes the call) or ``@local`` (``c
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import logging
 import math
 import os
 import time
+import traceback
 from collections import defaultdict
 from typing import Sequence
 
@@ -299,8 +301,12 @@ class Trainer:
             log.warning("colo: shutting down engine %s failed: %s", old.name, e)
         try:
             new = self._start_engine(config)
-        except Exception:
+        except Exception as error:
             log.error("colo: engine %s did not start; starting %s again", engine, old.name)
+            # the failed start's frames still hold what it allocated, and a vLLM engine's sleep allocator takes
+            # one engine per process: let them go before the old engine starts again
+            traceback.clear_frames(error.__traceback__)
+            gc.collect()
             self._use_engine(self._start_engine(self.config), self.config)
             raise
         self._use_engine(new, config)

@@ -6,6 +6,7 @@ is stood in for by spies named for it; each follows vLLM 0.33's CUDA source, cit
 
 
 import dataclasses
+import weakref
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from vllm.device_allocator import AllocationData
 from colo import AdamParams, ConfigError, Datum, EngineError, SamplingParams
 from colo.config import Config
 from engines import vllm_lora, vllm_memory
+from engines.base import Capabilities, InferenceEngine
 from engines.torch_threads import ThreadCounts
 from engines.vllm_engine import check_dtype, sleep_arguments
 from helpers import encode
@@ -238,3 +240,42 @@ def test_the_gpu_checks_freshness_test_catches_weights_published_one_step_late(v
     assert row.status == "FAIL" and row.figures.startswith("2 stale of 3"), row.figures
     assert [c["fresh"] for c in row.data["cycles"]] == [True, False, False]
     assert all(c["version"] == c["expected_version"] for c in row.data["cycles"])  # the labels alone pass
+
+
+class EngineFailingAtStart(InferenceEngine):
+    """An engine whose start fails after it allocated, as a vLLM engine can fail after taking memory from
+    vLLM's sleep allocator (which allows one engine per process)."""
+
+    name = "failing"
+    capabilities = Capabilities(False, True, False, False, True)
+    allocated: list = []
+
+    def __init__(self, context):
+        buffer = torch.zeros(1024)
+        EngineFailingAtStart.allocated.append(weakref.ref(buffer))
+        raise RuntimeError("the engine failed at start-up")
+
+    publish = release = sample = None  # never reached: the engine never starts
+
+
+def test_what_a_failed_engine_start_allocated_is_released_before_the_old_engine_starts_again(tiny_model_dir,
+                                                                                            monkeypatch):
+    from colo import Trainer
+    from engines import registry
+    from engines.pytorch.engine import PyTorchEngine
+
+    monkeypatch.setitem(registry.BUILTIN, "failing", f"{__name__}:EngineFailingAtStart")
+    trainer = Trainer(model=str(tiny_model_dir), engine="pytorch", dtype="float32", device="cpu")
+    seen_at_restart = []
+    real_init = PyTorchEngine.__init__
+
+    def init_spy(self, *args):
+        seen_at_restart.append([ref() is None for ref in EngineFailingAtStart.allocated])
+        real_init(self, *args)
+
+    monkeypatch.setattr(PyTorchEngine, "__init__", init_spy)
+    with pytest.raises(RuntimeError, match="failed at start-up"):
+        trainer.set_engine("failing")
+    assert seen_at_restart == [[True]]  # released before the old engine was started again
+    assert trainer.engine.name == "pytorch"
+    trainer.close()
