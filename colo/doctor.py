@@ -48,6 +48,16 @@ def describe_device() -> str:
     return f"CPU: {model}, {torch.get_num_threads()} threads"
 
 
+def sampler_gaps(trainer, adapter: str, prompt: list[int]) -> list[float]:
+    """|sampler - trainer| logprob of every token of 4 seeded samples of ``prompt`` (16 tokens each)."""
+    results = trainer.sample(adapter, [prompt], 4, SamplingParams(max_tokens=16, seed=0))[0]
+    gaps = []
+    for seq in results.sequences:
+        ours = trainer.compute_logprobs(adapter, prompt + seq.tokens)[len(prompt):]
+        gaps += [abs(a - b) for a, b in zip(ours, seq.logprobs)]
+    return gaps
+
+
 def run(config: Config) -> int:
     from colo.trainer import Trainer
 
@@ -102,11 +112,7 @@ def run(config: Config) -> int:
         else:
             print("  sleep: not available with this engine on this device (training and sampling share memory)")
 
-        results = trainer.sample(adapter, [prompt], 4, SamplingParams(max_tokens=16, seed=0))[0]
-        gaps = []
-        for seq in results.sequences:
-            ours = trainer.compute_logprobs(adapter, prompt + seq.tokens)[len(prompt):]
-            gaps += [abs(a - b) for a, b in zip(ours, seq.logprobs)]
+        gaps = sampler_gaps(trainer, adapter, prompt)
         limit = GAP_LIMITS.get(trainer.policy.dtype, 0.1)
         check(statistics.mean(gaps) < limit, f"sampler vs trainer logprobs ({trainer.policy.dtype}): mean gap "
                                              f"{statistics.mean(gaps):.2e}, max {max(gaps):.2e} (limit {limit})")

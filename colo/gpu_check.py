@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 
 from colo.config import Config
+from colo.doctor import GAP_LIMITS, describe_device, sampler_gaps, versions
 from colo.types import AdamParams, Datum, SampleJob, SamplingParams
 
 PROBE = "colo checks that what it trains is what it samples, step after step."
 # sign descent (Adam without moments): every weight moves by the learning rate at every step, the last as much as
 # the first, so each step moves the probe's logprobs well past the sampler's rounding (bf16: ~5e-2)
 STEP = AdamParams(learning_rate=1e-2, beta1=0.0, beta2=0.0)
-GAP_LIMITS = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.05}
 NEEDS_CUDA = "needs CUDA (vLLM sleeps and takes a share of GPU memory only there)"
 
 
@@ -142,12 +142,7 @@ def sleep_and_wake(trainer, adapter: str, level: int) -> Row:
 
 
 def logprob_gap(trainer, adapter: str) -> Row:
-    tokens = trainer.tokenizer.encode(PROBE)[:6]
-    result = trainer.sample(adapter, [tokens], 4, SamplingParams(max_tokens=16, seed=0))[0]
-    gaps = []
-    for seq in result.sequences:
-        ours = trainer.compute_logprobs(adapter, tokens + seq.tokens)[len(tokens):]
-        gaps += [abs(a - b) for a, b in zip(ours, seq.logprobs)]
+    gaps = sampler_gaps(trainer, adapter, trainer.tokenizer.encode(PROBE)[:6])
     limit = GAP_LIMITS.get(trainer.policy.dtype, 0.1)
     mean = statistics.mean(gaps)
     return Row(f"sampler vs trainer logprobs ({str(trainer.policy.dtype).removeprefix('torch.')})",
@@ -175,7 +170,6 @@ def restart(trainer, adapter: str) -> Row:
 
 
 def run(config: Config, cycles: int = 50, json_path: str | Path = "colo-gpu-check.json") -> int:
-    from colo.doctor import describe_device, versions
     from colo.trainer import Trainer
 
     print("colo doctor --gpu", flush=True)
