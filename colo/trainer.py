@@ -322,7 +322,15 @@ class Trainer:
                               f"{', '.join(engines_for_ranks())}")
         context = EngineContext(cls.settings_class.of(config), self.model_path, self.policy.dtype, self.policy.device,
                                 self.policy.tokenizer, self.max_len, self.ranks.world, launched_by_torchrun())
-        return cls(context, self.policy) if caps.shares_trainer_weights else cls(context)
+        engine = cls(context, self.policy) if caps.shares_trainer_weights else cls(context)
+        # what an engine can apply may depend on the model (vLLM's output-layer LoRA): known once it has started
+        unembed = sorted(a for a, state in self.adapters.items() if state.lora.train_unembed)
+        if unembed and not engine.capabilities.unembed_lora:
+            engine.shutdown()
+            raise ConfigError(f"COLO_ENGINE={config.engine!r}: the {engine.name} engine does not apply LoRA to the "
+                              f"output layer of {self.policy.architecture}, which adapter(s) {', '.join(unembed)} "
+                              "train; allowed: an engine that does (pytorch), or delete those adapters first")
+        return engine
 
     def _use_engine(self, engine: InferenceEngine, config: Config) -> None:
         """Sample through ``engine`` from now on, with every adapter's newest version published to it."""

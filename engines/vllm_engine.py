@@ -540,8 +540,10 @@ def _plain_forward_for_models_made_before() -> None:
     attribute only the instances vLLM builds have: the trainer's model, built before, would fail on it
     ("'Olmo2Model' object has no attribute 'do_not_compile'"). A class default sends those to their plain
     forward; vLLM's own instances set theirs."""
-    from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
-
+    try:
+        from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
+    except ImportError:  # a vLLM without it decorates nothing this way
+        return
     for cls in TorchCompileWithNoGuardsWrapper.__subclasses__():
         if cls.__module__.startswith("transformers.") and "do_not_compile" not in cls.__dict__:
             cls.do_not_compile = True

@@ -51,9 +51,12 @@ def declare_output_layer_lora(architecture: str) -> None:
         return
     from vllm import ModelRegistry
 
-    cls = ModelRegistry._try_load_model_cls(architecture)
+    load = getattr(ModelRegistry, "_try_load_model_cls", None)  # 0.32 and 0.33; elsewhere the check after start decides
+    cls = load(architecture) if load is not None else None
+    if cls is None:
+        return
     declared = dict(getattr(cls, "embedding_modules", None) or {})
-    if cls is not None and "lm_head" not in declared:
+    if "lm_head" not in declared:
         cls.embedding_modules = {**declared, "lm_head": "output_embeddings"}
 
 

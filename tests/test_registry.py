@@ -85,6 +85,17 @@ def test_third_party_engine_is_found_and_used(installed_plugin, tiny_model_dir):
         assert result.adapter_version == 1
 
 
+def test_switching_to_an_engine_that_cannot_serve_a_live_adapter_is_refused(installed_plugin, tiny_model_dir):
+    from colo import Trainer
+
+    with Trainer(model=str(tiny_model_dir), engine="pytorch", dtype="float32") as t:
+        adapter = t.create_lora(rank=4, train_unembed=True)
+        with pytest.raises(ConfigError, match=rf"COLO_ENGINE='reverse': the reverse engine does not apply LoRA to the "
+                                              rf"output layer of LlamaForCausalLM, which adapter\(s\) {adapter} train"):
+            t.set_engine("reverse")
+        assert t.engine.name == "pytorch"  # the old engine serves on
+
+
 def test_entry_point_that_is_not_an_engine_is_refused(installed_plugin):
     with pytest.raises(ConfigError, match="COLO_ENGINE='broken': cannot load colo_reverse_engine:NotThere"):
         engine_class("broken")
