@@ -93,3 +93,29 @@ def test_an_architecture_colo_has_not_verified_loads_with_a_warning_naming_the_v
         PolicyModel(str(tmp_path), torch.device("cpu"), torch.float32)
     said = [r.getMessage() for r in caplog.records if "GPTNeoXForCausalLM is not one of" in r.getMessage()]
     assert len(said) == 1 and all(a in said[0] for a in VERIFIED_ARCHITECTURES)
+
+
+@pytest.mark.slow  # compiling the decode step takes about a minute on 2 cores
+def test_compiled_decoding_of_a_hybrid_sliding_window_family_gives_the_eager_draws(tmp_path):
+    """Gemma-3's sliding (16 tokens) and full layers alternate: the pytorch engine's static cache and compiled
+    decode step (COLO_PYTORCH_COMPILE, on by default on CUDA) draw what the eager step draws, past the window."""
+    from colo import AdamParams, Datum, SampleJob, SamplingParams, Trainer
+    from tiny_model import build_tiny_family, corpus
+
+    t = Trainer(model=str(build_tiny_family(tmp_path / "gemma3", "gemma3")), engine="pytorch", dtype="float32",
+                device="cpu", max_lora_rank=16, max_model_len=256)
+    tokens = t.tokenizer.encode(" ".join(corpus(40, seed=3)))
+    adapter = t.create_lora(rank=8, seed=1, train_unembed=True)
+    t.forward_backward(adapter, [Datum.from_sequence(tokens[:48])])
+    t.optim_step(adapter, AdamParams(learning_rate=1e-2))
+    jobs = [SampleJob(adapter, tokens[:24], 2, SamplingParams(max_tokens=24, seed=0)),
+            SampleJob(None, tokens[:20], 1, SamplingParams(max_tokens=24, seed=1))]
+    eager = t.sample_batch(jobs)
+    t.engine.compiled, t.engine._decode = True, None
+    compiled = t.sample_batch(jobs)
+    assert not t.engine._decode.failed
+    for x, y in zip(eager, compiled):
+        assert [s.tokens for s in x.sequences] == [s.tokens for s in y.sequences]
+        for a, b in zip(x.sequences, y.sequences):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    t.close()
