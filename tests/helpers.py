@@ -65,3 +65,13 @@ def assert_same_snapshot(before: dict, after: dict) -> None:
             assert torch.equal(optim[k], o2[k]), (adapter_id, k)
         for k in grads:
             assert (grads[k] is None) == (g2[k] is None) and (grads[k] is None or torch.equal(grads[k], g2[k]))
+
+
+def assert_same_draws(results, others, atol: float = 1e-5) -> None:
+    """Two runs of the same sample jobs drew the same tokens, with logprobs within ``atol``."""
+    import pytest
+
+    for x, y in zip(results, others, strict=True):
+        assert [s.tokens for s in x.sequences] == [s.tokens for s in y.sequences]
+        for a, b in zip(x.sequences, y.sequences):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=atol)

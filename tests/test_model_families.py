@@ -100,6 +100,7 @@ def test_compiled_decoding_of_a_hybrid_sliding_window_family_gives_the_eager_dra
     """Gemma-3's sliding (16 tokens) and full layers alternate: the pytorch engine's static cache and compiled
     decode step (COLO_PYTORCH_COMPILE, on by default on CUDA) draw what the eager step draws, past the window."""
     from colo import AdamParams, Datum, SampleJob, SamplingParams, Trainer
+    from helpers import assert_same_draws
     from tiny_model import build_tiny_family, corpus
 
     t = Trainer(model=str(build_tiny_family(tmp_path / "gemma3", "gemma3")), engine="pytorch", dtype="float32",
@@ -114,8 +115,5 @@ def test_compiled_decoding_of_a_hybrid_sliding_window_family_gives_the_eager_dra
     t.engine.compiled, t.engine._decode = True, None
     compiled = t.sample_batch(jobs)
     assert not t.engine._decode.failed
-    for x, y in zip(eager, compiled):
-        assert [s.tokens for s in x.sequences] == [s.tokens for s in y.sequences]
-        for a, b in zip(x.sequences, y.sequences):
-            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert_same_draws(eager, compiled)
     t.close()

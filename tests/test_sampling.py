@@ -6,7 +6,7 @@ from colo import SamplingParams
 from colo.types import SampleJob
 from engines.pytorch import engine as pytorch_engine
 from engines.pytorch import generation
-from helpers import encode, overfit
+from helpers import assert_same_draws, encode, overfit
 
 PROMPTS = ["the cat", "one two three", "what is", "hello world apple"]
 
@@ -190,10 +190,7 @@ def test_compiled_decoding_gives_the_eager_tokens_and_serves_new_batches_without
     monkeypatch.setattr(trainer.engine, "_decode", None)
     compiled = trainer.sample_batch(jobs)
     assert not trainer.engine._decode.failed
-    for x, y in zip(eager, compiled):
-        assert [s.tokens for s in x.sequences] == [s.tokens for s in y.sequences]
-        for a, b in zip(x.sequences, y.sequences):
-            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert_same_draws(eager, compiled)
     # another mix of adapters and prompts, the same row bucket (7 rows -> 8): no new graph
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     other = [SampleJob(second, encode(trainer, "a b c d e"), 4, SamplingParams(max_tokens=6, seed=9)),
