@@ -473,17 +473,14 @@ class VLLMEngine(InferenceEngine):
         shutil.rmtree(self._dir, ignore_errors=True)
         if self.llm is None:
             return
-        llm, self.llm = self.llm, None
         if self.sleep_level is not None and self._dead is None:
             # vLLM frees each of its allocations as if it were mapped: asleep, that is CUDA errors at exit
             # and a stale error for the next engine (cumem.py special-cases only ROCm)
             try:
-                self.llm = llm
                 self.wake()
             except Exception as e:
                 log.warning("vLLM could not be woken before its shutdown (%s); CUDA may report errors freeing it", e)
-            finally:
-                self.llm = None
+        llm, self.llm = self.llm, None
         # explicitly, not when the last reference goes: vLLM's EngineCore.shutdown lets the objects it froze
         # out of the collector's reach back (gc.freeze at start-up) and tears down its distributed state,
         # which destroys the default process group, the launcher's if there was one before vLLM
