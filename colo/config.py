@@ -68,9 +68,22 @@ class Config(BaseSettings):
     max_model_len: int = Field(2048, ge=16, description="Longest sequence (prompt + completion) in tokens.")
     microbatch_tokens: int = Field(4096, ge=1, description=(
         "Token budget of one training micro-batch: `forward_backward` and `forward` split their data into "
-        "micro-batches of at most this many (padded) tokens and add up the gradients, so memory follows this "
-        "budget, not the batch. A longer single sequence gets a micro-batch of its own. Raise it on a large GPU "
-        "for speed; lower it if training runs out of memory."))
+        "micro-batches of at most this many computed tokens (packed without padding, a prefix shared by several "
+        "datums counted once) and add up the gradients, so memory follows this budget, not the batch. A longer "
+        "single sequence gets a micro-batch of its own. Raise it on a large GPU for speed; lower it if training "
+        "runs out of memory."))
+    share_prefixes: bool = Field(True, description=(
+        "`forward_backward` and `forward` find datums whose tokens start alike (the samples of one prompt, turns "
+        "of one conversation, a common system prompt) and compute each shared prefix once per micro-batch; the "
+        "logprobs and gradients are those of each datum alone. Off: every datum computed in full (still packed "
+        "without padding), for comparison or as a safety valve. The metrics `tokens_computed`, `tokens_unshared` "
+        "and `tokens_padded` say what it saved."))
+    sampler_gap_warn: float = Field(0.01, ge=0, description=(
+        "A `forward_backward` or `forward` whose loss takes sampler logprobs reports how far they are from the "
+        "trainer's (`kl_sample_train_v1`, `kl_sample_train_v2`, `sampler_gap_max` in its metrics); above this "
+        "`kl_sample_train_v2` colo logs a warning naming the adapter and the likely causes (a stale sampler, "
+        "off-policy data, another dtype or quantization). bf16 rounding alone measures about 1e-3 on the default "
+        "model. 0: never warn."))
     gradient_checkpointing: bool = Field(True, description=(
         "Recompute each decoder layer's activations in backward instead of keeping them (the default model, "
         "3,520 tokens: +0.8 GiB instead of +4.5 GiB), for about a third more training compute on a GPU (on the "

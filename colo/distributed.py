@@ -90,12 +90,13 @@ class Ranks:
             p.grad = flat[offset: offset + n].view_as(p).to(p.dtype) if flat[i] > 0 else None
             offset += n
 
-    def sum(self, value: float) -> float:
+    def sum(self, values: list[float]) -> list[float]:
+        """Each value summed over the ranks, in one all-reduce."""
         if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self._device())
-        self._collective("the loss sum", dist.all_reduce, t)
-        return float(t)
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self._device())
+        self._collective("summing the loss and token counts", dist.all_reduce, t)
+        return t.tolist()
 
     def gather(self, mine: dict[int, T], count: int) -> list[T]:
         """Every rank's ``{index: item}`` put together: ``count`` items in index order, on every rank.

@@ -45,13 +45,30 @@ def cispo(logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], config: dict[
     return -(clipped * logprobs * inputs["advantages"]).sum()
 
 
+def sampled(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The positions that were sampled: those whose sampler logprob and advantage are both 0 (a prompt, in the
+    cookbook's datums, which carry no ``mask`` to the service) were not."""
+    return (inputs["logprobs"] != 0) | (inputs["advantages"] != 0)
+
+
+def sampler_gap(inputs: list[dict[str, torch.Tensor]], trainer: list[torch.Tensor]) -> dict[str, float]:
+    """How far the sampler's logprobs (``inputs[i]["logprobs"]``) are from the trainer's, over the sampled
+    positions, as tinker-cookbook measures it: ``kl_sample_train_v1`` = mean(sampler - trainer),
+    ``kl_sample_train_v2`` = mean((sampler - trainer)^2) / 2, and the largest absolute difference. Near 0 when
+    the sampler had the weights being trained; a stale or mismatched sampler shows here first."""
+    diffs = [(x["logprobs"].float() - lp.float())[sampled(x)] for x, lp in zip(inputs, trainer)]
+    d = torch.cat(diffs) if diffs else torch.zeros(0)
+    if d.numel() == 0:
+        return {}
+    return {"kl_sample_train_v1:mean": float(d.mean()), "kl_sample_train_v2:mean": float(0.5 * (d ** 2).mean()),
+            "sampler_gap_max:max": float(d.abs().max())}
+
+
 def dro(logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], config: dict[str, float]) -> torch.Tensor:
-    """Tinker's DRO: maximise log p * A - beta/2 * (log p - log q)^2 over the sampled tokens. Positions whose
-    sampler logprob and advantage are both 0 (a prompt, in the cookbook's datums) were not sampled: left out."""
+    """Tinker's DRO: maximise log p * A - beta/2 * (log p - log q)^2 over the sampled tokens (``sampled``)."""
     sampler, advantages = inputs["logprobs"], inputs["advantages"]
-    sampled = (sampler != 0) | (advantages != 0)
     objective = logprobs * advantages - 0.5 * config["beta"] * (logprobs - sampler) ** 2
-    return -(objective * sampled).sum()
+    return -(objective * sampled(inputs)).sum()
 
 
 def gspo(logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], config: dict[str, float]) -> torch.Tensor:

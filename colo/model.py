@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from functools import partial
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import peft
 import torch
@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from colo.errors import ConfigError
-from colo.microbatches import plan
+from colo import packed_attention
+from colo.packing import pack, plan
 from colo.types import LoraConfig
 
 log = logging.getLogger(__name__)
@@ -50,16 +51,18 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 class PolicyModel:
     def __init__(self, path: str, device: torch.device, dtype: torch.dtype, microbatch_tokens: int = 4096,
-                 gradient_checkpointing: bool = False) -> None:
+                 gradient_checkpointing: bool = False, share_prefixes: bool = True) -> None:
         self.path = path
         self.device = device
         self.dtype = dtype
         self.microbatch_tokens = microbatch_tokens
         self.gradient_checkpointing = gradient_checkpointing
+        self.share_prefixes = share_prefixes
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
         base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
         base.requires_grad_(False)
         base.eval()
+        packed_attention.install(base)
         self._base = base
         self._peft: peft.PeftModel | None = None  # created with the first adapter
         self.vocab_size: int = base.get_input_embeddings().num_embeddings
@@ -168,15 +171,15 @@ class PolicyModel:
 
     # ---- scoring --------------------------------------------------------------------------------
 
-    def micro_batches(self, lengths: list[int]) -> list[list[int]]:
-        """Indices of the sequences, grouped into micro-batches under ``microbatch_tokens``."""
-        return plan(lengths, self.microbatch_tokens)
+    def micro_batches(self, sequences: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Indices of the sequences, grouped into micro-batches of at most ``microbatch_tokens`` computed tokens."""
+        return plan(sequences, self.microbatch_tokens, self.share_prefixes)
 
     def score(self, model: torch.nn.Module, inputs: list[list[int]], targets: list[list[int]]) -> list[torch.Tensor]:
         """``token_logprobs`` of any number of sequences without gradients, one micro-batch at a time."""
         out: list[torch.Tensor] = [torch.empty(0)] * len(inputs)
         with torch.no_grad():
-            for group in self.micro_batches([len(x) for x in inputs]):
+            for group in self.micro_batches(inputs):
                 for i, lp in zip(group, self.token_logprobs(model, [inputs[i] for i in group],
                                                             [targets[i] for i in group])):
                     out[i] = lp
@@ -186,41 +189,51 @@ class PolicyModel:
         """logprob of ``targets[b][i]`` given ``inputs[b][: i + 1]``, one float32 tensor per sequence.
 
         One forward over one micro-batch: the caller keeps it under the token budget (``score`` and
-        the Trainer do). Sequences are right-padded; with a causal mask, padding after a sequence
-        cannot change its logprobs. The logits are never built for the whole micro-batch: the final
-        hidden states of the real (unpadded) positions go through the output layer a chunk of rows
-        at a time, and under autograd each chunk's logits are recomputed in backward instead of kept.
+        the Trainer do). The micro-batch is one packed row without padding, each prefix shared by several
+        sequences computed once (``colo.packing``, ``share_prefixes``). The logits are never built for the
+        whole micro-batch: the packed hidden states go through the output layer a chunk of rows at a time,
+        each row's logsumexp is computed once for every sequence through it, and under autograd each chunk's
+        logits are recomputed in backward instead of kept.
         """
-        length = max(len(x) for x in inputs)
-        ids = torch.full((len(inputs), length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(inputs), length), dtype=torch.bool)
-        for b, x in enumerate(inputs):
-            ids[b, : len(x)] = torch.tensor(x)
-            mask[b, : len(x)] = True
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        flat_targets = torch.tensor([t for ts in targets for t in ts], dtype=torch.long, device=self.device)
+        packed = pack(inputs, self.device, self.share_prefixes)
+        ids = torch.tensor([packed.tokens], dtype=torch.long, device=self.device)
+        positions = torch.tensor([packed.positions], dtype=torch.long, device=self.device)
         causal_lm = model.get_base_model() if isinstance(model, peft.PeftModel) else model
         head = causal_lm.get_output_embeddings()
+        # a 4-D mask is taken as already built, so transformers builds none: the packed attention masks itself
+        no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         with self._checkpointed_layers(causal_lm):
-            hidden = causal_lm.get_decoder()(input_ids=ids, attention_mask=mask.long(), use_cache=False).last_hidden_state
-        hidden = hidden[mask]  # (real positions, hidden size), row after row
+            hidden = causal_lm.get_decoder()(input_ids=ids, position_ids=positions, attention_mask=no_mask,
+                                             use_cache=False, colo_packing=packed.attention).last_hidden_state[0]
+        # one (row, target) pair per sequence position, taken in row order so each chunk's pairs are contiguous
+        rows = torch.tensor([r for path in packed.paths for r in path], dtype=torch.long, device=self.device)
+        wanted = torch.tensor([t for ts in targets for t in ts], dtype=torch.long, device=self.device)
+        by_row = torch.argsort(rows, stable=True)
+        rows, wanted = rows[by_row], wanted[by_row]
+        bounds = torch.searchsorted(rows, torch.arange(0, hidden.shape[0] + self.logit_chunk_rows, self.logit_chunk_rows,
+                                                       device=self.device)).tolist()
         recompute = torch.is_grad_enabled()
         chunks = []
-        for start in range(0, hidden.shape[0], self.logit_chunk_rows):
-            h = hidden[start: start + self.logit_chunk_rows]
-            t = flat_targets[start: start + self.logit_chunk_rows]
-            if recompute:
-                chunks.append(checkpoint(self._chunk_logprobs, head, h, t, use_reentrant=False))
-            else:
-                chunks.append(self._chunk_logprobs(head, h, t))
-        return list(torch.cat(chunks).split([len(x) for x in inputs]))
+        for c, start in enumerate(range(0, hidden.shape[0], self.logit_chunk_rows)):
+            lo, hi = bounds[c], bounds[c + 1]
+            if lo == hi:
+                continue
+            args = (head, hidden[start: start + self.logit_chunk_rows], rows[lo:hi] - start, wanted[lo:hi])
+            chunks.append(checkpoint(self._chunk_logprobs, *args, use_reentrant=False) if recompute
+                          else self._chunk_logprobs(*args))
+        where = torch.empty_like(by_row)
+        where[by_row] = torch.arange(len(by_row), device=self.device)  # each pair's place in row order
+        return list(torch.cat(chunks)[where].split([len(x) for x in inputs]))
 
-    def _chunk_logprobs(self, head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _chunk_logprobs(self, head: torch.nn.Module, hidden: torch.Tensor, rows: torch.Tensor,
+                        targets: torch.Tensor) -> torch.Tensor:
+        """logprob of ``targets[i]`` at row ``rows[i]`` of ``hidden``: a row shared by several sequences has its
+        logits and logsumexp computed once, whatever each sequence's target there."""
         logits = head(hidden).float()
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         # gather - logsumexp is log_softmax without a second (rows, vocabulary) tensor
-        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        return logits[rows, targets] - torch.logsumexp(logits, dim=-1)[rows]
 
     @contextmanager
     def _checkpointed_layers(self, causal_lm: torch.nn.Module) -> Iterator[None]:

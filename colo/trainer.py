@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from colo import allocator, capacity
+from colo import allocator, capacity, packing
 from colo.adapters import Adapter
 from colo.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from colo.collective import collective, local
@@ -30,6 +30,7 @@ from colo.config import Config
 from colo.default_model import resolve_model
 from colo.distributed import Ranks, launched_by_torchrun
 from colo.errors import CheckpointError, ConfigError, EngineError, InvalidRequestError, UnknownAdapterError
+from colo.losses import sampler_gap
 from colo.model import PolicyModel, resolve_device, resolve_dtype
 from colo.peft_files import write_peft
 from colo.sleep import SleepControl
@@ -57,7 +58,7 @@ class Trainer:
             device = torch.device("cuda", self.ranks.local_rank)
         self.model_path = resolve_model(config.model, config.model_cache_dir)
         self.policy = PolicyModel(self.model_path, device, resolve_dtype(config.dtype, device),
-                                  config.microbatch_tokens, config.gradient_checkpointing)
+                                  config.microbatch_tokens, config.gradient_checkpointing, config.share_prefixes)
         self.max_len = min(config.max_model_len, self.policy.max_positions)
         self.adapters: dict[str, Adapter] = {}
         self._ids = itertools.count(1)
@@ -433,14 +434,21 @@ class Trainer:
         check_data(data, spec, loss_fn, self.policy.vocab_size, self.max_len, self.config.max_request_tokens)
         reclaimed = self.sleep.before_training() if backward else None
         device = self.policy.device
+        sequences = [d.model_input for d in data]
         logprobs: dict[int, torch.Tensor] = {}
         total = torch.zeros((), device=device)
-        mine = self.ranks.share([len(d.model_input) for d in data])  # every datum, on one rank
+        computed = 0
+        share = self.policy.share_prefixes
+        # each datum on one rank, datums sharing a prefix on the same one where the balance allows
+        units = packing.units(sequences, self.ranks.world * 4, share)
+        mine = [i for u in self.ranks.share([packing.computed_tokens([sequences[i] for i in unit], share)
+                                             for unit in units]) for i in units[u]]
         # the loss is a sum over data, so each micro-batch's backward adds its share of the gradient
         with self.policy.active(adapter, train=backward) as model:
-            for indices in self.policy.micro_batches([len(data[i].model_input) for i in mine]):
+            for indices in self.policy.micro_batches([sequences[i] for i in mine]):
                 group = [mine[j] for j in indices]
                 batch = [data[i] for i in group]
+                computed += packing.computed_tokens([d.model_input for d in batch], share)
                 lps = self.policy.token_logprobs(model, [d.model_input for d in batch],
                                                  [d.loss_fn_inputs["target_tokens"].tolist() for d in batch])
                 loss = torch.zeros((), device=device)
@@ -452,11 +460,26 @@ class Trainer:
                 if backward:
                     loss.backward()
                 total += loss.detach()
-        metrics = {"loss:sum": self.ranks.sum(float(total.detach()))}
+        loss_sum, computed = self.ranks.sum([float(total), float(computed)])
+        lengths = [len(s) for s in sequences]
+        metrics = {"loss:sum": loss_sum, "tokens_computed:sum": computed, "tokens_unshared:sum": float(sum(lengths)),
+                   "tokens_padded:sum": float(packing.padded_tokens(lengths, self.policy.microbatch_tokens))}
         if reclaimed is not None:
             metrics["engine_sleep_reclaimed_bytes:sum"] = float(reclaimed)
-        return ForwardBackwardOutput(
-            loss_fn_outputs=[{"logprobs": lp} for lp in self.ranks.gather({i: lp.cpu() for i, lp in logprobs.items()},
-                                                                          len(data))],
-            metrics=metrics,
-        )
+        outputs = self.ranks.gather({i: lp.cpu() for i, lp in logprobs.items()}, len(data))
+        if "logprobs" in spec.required:
+            gap = sampler_gap([d.loss_fn_inputs for d in data], outputs)
+            metrics.update(gap)
+            self._warn_if_stale(adapter, gap)
+        return ForwardBackwardOutput(loss_fn_outputs=[{"logprobs": lp} for lp in outputs], metrics=metrics)
+
+    def _warn_if_stale(self, adapter: str, gap: dict[str, float]) -> None:
+        threshold = self.config.sampler_gap_warn
+        figure = gap.get("kl_sample_train_v2:mean")
+        if threshold > 0 and figure is not None and figure > threshold and self.ranks.main:
+            log.warning("colo: adapter %s: the sampler's logprobs differ from the trainer's by kl_sample_train_v2 = "
+                        "%.3g (above COLO_SAMPLER_GAP_WARN=%g; v1 %.3g, largest difference %.3g). Likely causes: "
+                        "samples drawn by an older version of the adapter (off-policy data, or weights not published "
+                        "to the sampler), a sampler on another base model, dtype or quantization, or sampler "
+                        "logprobs taken at a temperature other than 1", adapter, figure, threshold,
+                        gap["kl_sample_train_v1:mean"], gap["sampler_gap_max:max"])

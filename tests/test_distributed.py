@@ -56,6 +56,9 @@ def test_adapters_are_bitwise_equal_across_ranks_and_equal_to_one_process(runs):
     assert two0["logprob_lengths"] == one["logprob_lengths"]
     assert two0["version"] == two1["version"] == one["version"] == 3
     assert two0["logprob_gap"] < 1e-4 and one["logprob_gap"] < 1e-4
+    # each group of samples of one prompt stays on one rank: the ranks together compute what one process does
+    assert two0["tokens"] == two1["tokens"] == one["tokens"]
+    assert one["tokens"]["computed"] < one["tokens"]["unshared"]
 
 
 def test_split_sampling_comes_back_in_order_with_the_right_versions(runs):

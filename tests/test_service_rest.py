@@ -144,8 +144,16 @@ def test_stable_reinforce_trains_on_recorded_sequences_with_the_recorded_logprob
         adv = datum.loss_fn_inputs["advantages"].to_numpy()
         expected -= float((adv * lp).sum())
     assert a.metrics["loss:sum"] == pytest.approx(expected, rel=1e-3)
+    # the stale-sampler alarm's figures: sampled by the version being trained, the same weights
+    assert a.metrics["sampler_versions_behind:max"] == 0
+    assert a.metrics["kl_sample_train_v2:mean"] < 1e-6
+    # the two datums share their prompt, computed once
+    assert a.metrics["tokens_computed:sum"] < a.metrics["tokens_unshared:sum"]
     tc.forward_backward(honest, "stable_reinforce").result()
     tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+    after = tc.forward(honest, "stable_reinforce").result()
+    assert after.metrics["sampler_versions_behind:max"] == 1
+    assert after.metrics["kl_sample_train_v2:mean"] > a.metrics["kl_sample_train_v2:mean"]
 
 
 def test_stable_reinforce_refuses_what_was_not_recorded(service, tokens):

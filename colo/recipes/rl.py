@@ -45,6 +45,7 @@ class GRPOStep:
     trained_sequences: int
     sampled_tokens: int
     trained_tokens: int  # positions through forward_backward, prompts included
+    computed_tokens: int  # what forward_backward computed for them, each shared prompt once per micro-batch
     logprob_gap: float | None  # mean |trainer - sampler| logprob of the sampled tokens, same version
     sample_seconds: float
     train_seconds: float  # forward_backward + optimizer step, publishing excluded
@@ -79,8 +80,10 @@ def grpo_step(trainer: Trainer, adapter: str, prompts: Sequence[list[int]], scor
 
     started = time.perf_counter()
     gap = None
+    computed = 0
     if data:
         out = trainer.forward_backward(adapter, data, "importance_sampling")
+        computed = int(out.metrics["tokens_computed:sum"])
         # the trainer's logprobs of the sampled tokens, under the version that sampled them
         diffs = [abs(t - s) for o, lp in zip(out.loss_fn_outputs, sampled) if lp
                  for t, s in zip(o["logprobs"][-len(lp):].tolist(), lp)]
@@ -90,5 +93,5 @@ def grpo_step(trainer: Trainer, adapter: str, prompts: Sequence[list[int]], scor
     return GRPOStep(
         rewards=rewards, version=step.version, sampled_version=results[0].adapter_version,
         trained_sequences=len(data), sampled_tokens=sum(len(s.tokens) for r in results for s in r.sequences),
-        trained_tokens=sum(len(d.model_input) for d in data), logprob_gap=gap, sample_seconds=sample_seconds,
+        trained_tokens=sum(len(d.model_input) for d in data), computed_tokens=computed, logprob_gap=gap, sample_seconds=sample_seconds,
         train_seconds=time.perf_counter() - started - publish_seconds, publish_seconds=publish_seconds)

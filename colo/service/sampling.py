@@ -131,8 +131,10 @@ class Sampling:
         if req.record_stability_info:
             def record(done: Future) -> None:
                 if done.exception() is None:
-                    for sequence_id, seq in zip(ids, done.result().sequences):
-                        self._stability.record(tenant, sequence_id, prompt, seq.tokens, seq.logprobs)
+                    result = done.result()
+                    for sequence_id, seq in zip(ids, result.sequences):
+                        self._stability.record(tenant, sequence_id, prompt, seq.tokens, seq.logprobs,
+                                               result.adapter, result.adapter_version)
 
             future.add_done_callback(record)
         return answer

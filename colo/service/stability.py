@@ -40,6 +40,8 @@ class _Recorded:
     tokens: list[int]
     logprobs: list[float]
     used: float
+    adapter: str | None  # the adapter and version that sampled it
+    version: int | None
 
 
 class StabilityRecords:
@@ -48,15 +50,18 @@ class StabilityRecords:
         self._tokens = 0
         self._lock = threading.Lock()
 
-    def record(self, tenant: str, sequence_id: str, prompt: list[int], tokens: list[int],
-               logprobs: list[float]) -> None:
+    def record(self, tenant: str, sequence_id: str, prompt: list[int], tokens: list[int], logprobs: list[float],
+               adapter: str | None = None, version: int | None = None) -> None:
         with self._lock:
-            self._items[(tenant, sequence_id)] = _Recorded(list(prompt), list(tokens), list(logprobs), time.monotonic())
+            self._items[(tenant, sequence_id)] = _Recorded(list(prompt), list(tokens), list(logprobs), time.monotonic(),
+                                                           adapter, version)
             self._tokens += len(prompt) + len(tokens)
             self._expire()
 
-    def use_recorded_logprobs(self, tenant: str, data: list[Datum], spans: list[list[Span]]) -> None:
-        """For ``stable_reinforce``: each datum's ``logprobs`` input becomes the recorded sampler logprobs."""
+    def use_recorded_logprobs(self, tenant: str, data: list[Datum], spans: list[list[Span]]) -> set[tuple[str | None, int | None]]:
+        """For ``stable_reinforce``: each datum's ``logprobs`` input becomes the recorded sampler logprobs. Returns
+        the adapter versions that sampled the sequences used."""
+        sources: set[tuple[str | None, int | None]] = set()
         for i, (d, datum_spans) in enumerate(zip(data, spans)):
             if not datum_spans:
                 raise InvalidRequestError(
@@ -68,6 +73,10 @@ class StabilityRecords:
             if targets is None or advantages is None:
                 break  # the Trainer's own checks say what is missing
             d.loss_fn_inputs["logprobs"] = self.sampler_logprobs(tenant, i, targets.tolist(), advantages, datum_spans)
+            with self._lock:
+                sources.update((r.adapter, r.version) for s in datum_spans if s.kind == "sampled"
+                               and (r := self._items.get((tenant, s.sequence_id))) is not None)
+        return sources
 
     def sampler_logprobs(self, tenant: str, index: int, targets: list[int], advantages: torch.Tensor,
                          spans: list[Span]) -> torch.Tensor:

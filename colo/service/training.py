@@ -65,9 +65,15 @@ class Training:
         verb = "forward" if call.forward_only else "forward_backward"
 
         def run(trainer: Trainer, model: Model):
+            sources = set()
             if call.loss_fn == "stable_reinforce":
-                self._stability.use_recorded_logprobs(tenant, call.data, call.spans)
-            return getattr(trainer, verb)(model.adapter, call.data, call.loss_fn, call.loss_fn_config)
+                sources = self._stability.use_recorded_logprobs(tenant, call.data, call.spans)
+            out = getattr(trainer, verb)(model.adapter, call.data, call.loss_fn, call.loss_fn_config)
+            # how many optimizer steps the adapter took since it sampled these sequences (0: on-policy)
+            behind = [trainer.version(model.adapter) - v for a, v in sources if a == model.adapter and v is not None]
+            if behind:
+                out.metrics["sampler_versions_behind:max"] = float(max(behind))
+            return out
 
         return self._models.ordered(tenant, call.model_id, call.seq_id, run, encode)
 

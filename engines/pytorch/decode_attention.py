@@ -4,30 +4,34 @@ PyTorch's CPU SDPA kernel is built for long queries: for one query token per row
 call (32 rows, 9 query heads sharing 3 KV heads, 104 cached positions, bf16) where two float32
 matmuls and a softmax take 0.27 ms, with an error against a float64 reference no larger than the
 kernel's; and before the kernel, transformers copies the KV heads once per query head (GQA). Here
-the query heads are grouped onto their KV head instead, so nothing is copied. It is registered as an
-attention implementation (``colo_sdpa``) that is exactly ``sdpa`` everywhere else: prompts, training,
-and every device but the CPU.
+the query heads are grouped onto their KV head instead, so nothing is copied. It wraps the model's own
+attention implementation when that one takes ``sdpa``'s masks (``sdpa``, or colo's training attention over
+it), registered as ``colo_sdpa_<that implementation>``: everywhere but decode steps on the CPU (prompts,
+training, other devices) the wrapped implementation runs unchanged.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-NAME = "colo_sdpa"
-# attention variants the plain softmax(q k^T) v below does not implement: left to sdpa
-_OTHER_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
+PREFIX = "colo_sdpa_"
+# attention variants the plain softmax(q k^T) v below does not implement, and colo's packed training rows
+# (colo.packed_attention): left to the wrapped implementation
+_OTHER_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "colo_packing")
 
 
 def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-              **kwargs) -> tuple[torch.Tensor, None]:
+              fallback=sdpa_attention_forward, **kwargs) -> tuple[torch.Tensor, None]:
     if (query.shape[2] != 1 or query.device.type != "cpu" or dropout
             or any(kwargs.get(k) is not None for k in _OTHER_KWARGS)):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     batch, heads, _, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     scale = scaling if scaling is not None else dim ** -0.5
@@ -42,9 +46,12 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
 
 
 def install(model: torch.nn.Module) -> None:
-    """Use ``colo_sdpa`` in ``model`` where it uses ``sdpa``."""
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+    """Decode steps on the CPU through ``attention`` where ``model``'s attention takes ``sdpa``'s masks."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if current is None or current.startswith(PREFIX) or ALL_MASK_ATTENTION_FUNCTIONS.get(current) is not sdpa_mask:
         return
-    AttentionInterface.register(NAME, attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
-    model.set_attn_implementation(NAME)
+    name = PREFIX + current
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, partial(attention, fallback=ALL_ATTENTION_FUNCTIONS[current]))
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    model.set_attn_implementation(name)

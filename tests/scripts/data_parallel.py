@@ -35,12 +35,17 @@ trainer = Trainer(model=model_dir, engine=engine, dtype="float32", device="cpu",
 tok = trainer.tokenizer
 texts = ["the cat sat on the mat", "one two three four five six seven", "hello world", "a b c d e f g h i j",
          "red green blue", "what is the answer to this question please", "x y"]
+# two groups of samples sharing a prompt (computed once per micro-batch), among datums sharing nothing
+prompts = ["question: what is two plus two? answer:", "tell me a story about a dog named"]
+completions = [" four", " it is four", " 4, of course", " five", " rex", " spot who ran"]
 data = [Datum.from_sequence(tok.encode(t)) for t in texts]
+data += [Datum.from_sequence(tok.encode(p + c)) for p in prompts for c in completions]
 adapter = trainer.create_lora(rank=8, seed=5)
 losses, logprob_lengths = [], []
 for step in range(3):
     fb = trainer.forward_backward(adapter, data)
     losses.append(fb.metrics["loss:sum"])
+    tokens = {k: fb.metrics[f"tokens_{k}:sum"] for k in ("computed", "unshared")}
     logprob_lengths.append([len(o["logprobs"]) for o in fb.loss_fn_outputs])
     trainer.optim_step(adapter, AdamParams(learning_rate=1e-2))
     if die_after is not None and step + 1 == die_after and rank == 1:
@@ -74,6 +79,6 @@ saved = trainer.save_state(adapter, out / "checkpoint.safetensors")
 (out / f"rank-{rank}.json").write_text(json.dumps({
     "world": trainer.ranks.world, "losses": losses, "logprob_lengths": logprob_lengths, "samples": samples,
     "saved": saved, "version": trainer.version(adapter), "engine": sampled_with, "logprob_gap": gap,
-    "switched": switched}))
+    "switched": switched, "tokens": tokens}))
 torch.save({k: p.detach().clone() for k, p in trainer.adapters[adapter].params.items()}, out / f"rank-{rank}.pt")
 trainer.close()

@@ -1,0 +1,202 @@
+"""forward_backward and forward compute each shared prefix once (colo.packing, colo.packed_attention) and give
+what each datum computed alone gives: logprobs within 1e-5, gradients within 1e-4 (relative), every loss.
+
+The reference is the model's own forward (its logits, transformers' attention) over each datum separately,
+padded, in one batch: nothing of colo's packing, chunking or attention is in it."""
+
+import logging
+
+import pytest
+import torch
+
+from colo import AdamParams, Datum, SamplingParams
+from colo.packing import computed_tokens, pack, plan, units
+from helpers import REFERENCE_LOSSES
+
+G = torch.Generator().manual_seed(3)
+
+
+def _tokens(n: int, vocab: int) -> list[int]:
+    return torch.randint(3, vocab, (n,), generator=G).tolist()
+
+
+def shared_prefix_sequences(vocab: int) -> list[list[int]]:
+    """Groups sharing prompts of different lengths (20, 9, 3), samples that share more than the prompt, a datum
+    that is another's whole prefix, two identical datums, and datums sharing nothing; shuffled."""
+    long_prompt, mid_prompt, short_prompt = _tokens(20, vocab), _tokens(9, vocab), _tokens(3, vocab)
+    branch = long_prompt + _tokens(4, vocab)
+    seqs = [long_prompt + _tokens(n, vocab) for n in (5, 11, 2, 7)]
+    seqs += [branch + _tokens(n, vocab) for n in (3, 6)]  # a second level of sharing below the prompt
+    seqs += [mid_prompt + _tokens(n, vocab) for n in (4, 1, 8)]
+    seqs += [short_prompt + _tokens(n, vocab) for n in (12, 6)]
+    seqs += [list(mid_prompt)]  # the whole of another group's prefix
+    seqs += [list(seqs[0])]  # identical to a datum
+    seqs += [_tokens(n, vocab) for n in (14, 5, 1)]  # nothing shared
+    order = torch.randperm(len(seqs), generator=G).tolist()
+    return [seqs[i] for i in order]
+
+
+def make_data(loss_fn: str, sequences: list[list[int]], vocab: int) -> list[Datum]:
+    g = torch.Generator().manual_seed(11)
+    data = []
+    for seq in sequences:
+        n = len(seq)
+        inputs = {"target_tokens": torch.randint(3, vocab, (n,), generator=g)}
+        if loss_fn == "cross_entropy":
+            inputs["weights"] = torch.rand(n, generator=g)
+        else:
+            inputs["logprobs"] = -torch.rand(n, generator=g) * 6
+            inputs["advantages"] = torch.randn(n, generator=g)
+        data.append(Datum(list(seq), inputs))
+    return data
+
+
+def alone(trainer, adapter, data, loss_fn):
+    """Each datum through the model's own forward and logits, padded in one batch: loss, logprobs, gradients."""
+    width = max(len(d.model_input) for d in data)
+    ids = torch.zeros((len(data), width), dtype=torch.long)
+    mask = torch.zeros((len(data), width), dtype=torch.long)
+    for b, d in enumerate(data):
+        ids[b, : len(d.model_input)] = torch.tensor(d.model_input)
+        mask[b, : len(d.model_input)] = 1
+    with trainer.policy.active(adapter, train=True) as model:
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        all_lp = torch.log_softmax(logits, dim=-1)
+        total, lps = torch.zeros(()), []
+        for b, d in enumerate(data):
+            n = len(d.model_input)
+            lp = all_lp[b, :n].gather(-1, d.loss_fn_inputs["target_tokens"][:, None]).squeeze(-1)
+            lps.append(lp.detach())
+            total = total + REFERENCE_LOSSES[loss_fn](lp, {k: v.float() for k, v in d.loss_fn_inputs.items()})
+        total.backward()
+    return float(total.detach()), lps, take_grads(trainer, adapter)
+
+
+def take_grads(trainer, adapter) -> dict[str, torch.Tensor]:
+    grads = {k: p.grad.clone() for k, p in trainer.adapters[adapter].params.items()}
+    for p in trainer.adapters[adapter].params.values():
+        p.grad = None
+    return grads
+
+
+def assert_matches(out, grads, expected):
+    expected_loss, expected_lps, expected_grads = expected
+    assert out.metrics["loss:sum"] == pytest.approx(expected_loss, rel=1e-5, abs=1e-5)
+    for o, lp in zip(out.loss_fn_outputs, expected_lps):
+        assert o["logprobs"].shape == lp.shape
+        assert torch.allclose(o["logprobs"], lp, atol=1e-5, rtol=0), (o["logprobs"] - lp).abs().max()
+    for k, g in expected_grads.items():
+        assert torch.linalg.vector_norm(grads[k] - g) <= 1e-4 * torch.linalg.vector_norm(g) + 1e-8, k
+
+
+@pytest.fixture
+def trained_adapter(trainer, make_adapter):
+    """Nonzero B matrices everywhere, the output layer's LoRA included."""
+    a = make_adapter(rank=8, seed=5, train_unembed=True, train_mlp=True)
+    with torch.no_grad():
+        for p in trainer.adapters[a].params.values():
+            p.add_(torch.randn_like(p) * 0.05)
+    return a
+
+
+# 45 tokens: the long group (20 + 4 + ...) straddles micro-batches, the others fit whole
+BUDGET = 45
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-checkpointing"])
+@pytest.mark.parametrize("loss_fn", list(REFERENCE_LOSSES))
+def test_shared_prefixes_give_what_each_datum_alone_gives(trainer, trained_adapter, monkeypatch, loss_fn,
+                                                          checkpointing):
+    sequences = shared_prefix_sequences(trainer.policy.vocab_size)
+    data = make_data(loss_fn, sequences, trainer.policy.vocab_size)
+    expected = alone(trainer, trained_adapter, data, loss_fn)
+    monkeypatch.setattr(trainer.policy, "microbatch_tokens", BUDGET)
+    monkeypatch.setattr(trainer.policy, "logit_chunk_rows", 7)  # chunks end inside segments
+    monkeypatch.setattr(trainer.policy, "gradient_checkpointing", checkpointing)
+    groups = plan(sequences, BUDGET)
+    assert 3 <= len(groups) < len(sequences)
+    out = trainer.forward_backward(trained_adapter, data, loss_fn)
+    assert_matches(out, take_grads(trainer, trained_adapter), expected)
+    computed = sum(computed_tokens([sequences[i] for i in g]) for g in groups)
+    assert out.metrics["tokens_computed:sum"] == computed
+    assert out.metrics["tokens_unshared:sum"] == sum(len(s) for s in sequences)
+    assert computed < 0.75 * out.metrics["tokens_unshared:sum"] < out.metrics["tokens_padded:sum"]
+
+
+def test_sharing_off_computes_every_datum_and_gives_the_same(trainer, trained_adapter, monkeypatch):
+    sequences = shared_prefix_sequences(trainer.policy.vocab_size)
+    data = make_data("ppo", sequences, trainer.policy.vocab_size)
+    expected = alone(trainer, trained_adapter, data, "ppo")
+    monkeypatch.setattr(trainer.policy, "share_prefixes", False)
+    out = trainer.forward_backward(trained_adapter, data, "ppo")
+    assert_matches(out, take_grads(trainer, trained_adapter), expected)
+    assert out.metrics["tokens_computed:sum"] == out.metrics["tokens_unshared:sum"] == sum(map(len, sequences))
+
+
+def test_forward_shares_prefixes_without_gradients(trainer, trained_adapter, monkeypatch):
+    sequences = shared_prefix_sequences(trainer.policy.vocab_size)
+    data = make_data("cross_entropy", sequences, trainer.policy.vocab_size)
+    _, expected_lps, _ = alone(trainer, trained_adapter, data, "cross_entropy")
+    monkeypatch.setattr(trainer.policy, "microbatch_tokens", BUDGET)
+    out = trainer.forward(trained_adapter, data, "cross_entropy")
+    assert all(p.grad is None for p in trainer.adapters[trained_adapter].params.values())
+    for o, lp in zip(out.loss_fn_outputs, expected_lps):
+        assert torch.allclose(o["logprobs"], lp, atol=1e-5, rtol=0)
+    assert out.metrics["tokens_computed:sum"] < out.metrics["tokens_unshared:sum"]
+
+
+def test_packing_computes_each_shared_prefix_once():
+    a, b = [1, 2, 3, 4], [9, 9]
+    seqs = [a + [5, 6], b + [7], a + [8], a, b + [7], [4, 4, 4]]
+    packed = pack(seqs, torch.device("cpu"))
+    # a once (4), its branches [5, 6] and [8], b once with [7] (the two identical datums), [4, 4, 4]
+    assert len(packed.tokens) == computed_tokens(seqs) == 4 + 2 + 1 + 3 + 3
+    for seq, path in zip(seqs, packed.paths):
+        assert [packed.tokens[r] for r in path] == seq
+        assert [packed.positions[r] for r in path] == list(range(len(seq)))
+    assert packed.paths[2][:4] == packed.paths[0][:4] == packed.paths[3]  # the same rows, not copies
+    assert packed.paths[1] == packed.paths[4]
+    unshared = pack(seqs, torch.device("cpu"), share=False)
+    assert len(unshared.tokens) == sum(map(len, seqs)) == unshared.unshared
+
+
+def test_the_plan_keeps_groups_whole_and_cuts_where_little_is_shared():
+    prompts = [[p] * 30 for p in range(1, 5)]
+    seqs = [prompts[i % 4] + [100 + i] * (3 + i % 5) for i in range(32)]  # 4 groups of 8, interleaved
+    groups = plan(seqs, 100)  # a group computes 30 + 8 x 3..7 tokens: one fits, two do not
+    for g in groups:
+        assert computed_tokens([seqs[i] for i in g]) <= 100
+        assert len({seqs[i][0] for i in g}) == 1  # one prompt per micro-batch: every group fits whole
+    assert sorted(i for g in groups for i in g) == list(range(32))
+    runs = units(seqs, 4)
+    assert len(runs) == 4 and all(len({seqs[i][0] for i in r}) == 1 for r in runs)
+
+
+def test_the_stale_sampler_alarm(trainer, make_adapter, caplog):
+    """Scoring samples with the weights that drew them measures no gap; training in between makes it appear,
+    and colo warns naming the adapter."""
+    a = make_adapter(rank=8, seed=2)
+    prompt = trainer.tokenizer.encode("the stale sampler")
+    [result] = trainer.sample(a, [prompt], 4, SamplingParams(max_tokens=12, temperature=1.0, seed=4))
+    data = []
+    for seq in result.sequences:
+        tokens = prompt + seq.tokens
+        n = len(tokens) - 1
+        sampler = torch.zeros(n)
+        sampler[len(prompt) - 1:] = torch.tensor(seq.logprobs)
+        advantages = torch.zeros(n)
+        advantages[len(prompt) - 1:] = 1.0
+        data.append(Datum(tokens[:-1], {"target_tokens": torch.tensor(tokens[1:]), "logprobs": sampler,
+                                        "advantages": advantages}))
+    fresh = trainer.forward(a, data, "importance_sampling").metrics
+    assert abs(fresh["kl_sample_train_v1:mean"]) < 1e-5 and fresh["sampler_gap_max:max"] < 1e-4
+    plain = [Datum(d.model_input, {"target_tokens": d.loss_fn_inputs["target_tokens"]}) for d in data]
+    for _ in range(3):
+        trainer.forward_backward(a, plain, "cross_entropy")
+        trainer.optim_step(a, AdamParams(learning_rate=0.05))
+    with caplog.at_level(logging.WARNING, logger="colo.trainer"):
+        stale = trainer.forward(a, data, "importance_sampling").metrics
+    assert stale["kl_sample_train_v2:mean"] > 100 * max(fresh["kl_sample_train_v2:mean"], 1e-9)
+    assert stale["kl_sample_train_v2:mean"] > trainer.config.sampler_gap_warn
+    assert any(a in r.getMessage() and "kl_sample_train_v2" in r.getMessage() for r in caplog.records)
+    assert "kl_sample_train_v1:mean" not in trainer.forward(a, plain, "cross_entropy").metrics
