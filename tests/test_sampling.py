@@ -104,7 +104,8 @@ def test_large_batches_are_split_without_losing_requests(trainer, trained, monke
     whole = trainer.sample(trained, prompts, 3, SamplingParams(max_tokens=3, seed=5))
     batches = []
     original = generation.generate
-    monkeypatch.setattr(pytorch_engine, "generate", lambda model, rows, *a: (batches.append(rows), original(model, rows, *a)))
+    monkeypatch.setattr(pytorch_engine, "generate",
+                        lambda model, rows, *a, **k: (batches.append(rows), original(model, rows, *a, **k))[1])
     monkeypatch.setattr(trainer.engine, *limit)
     results = trainer.sample(trained, prompts, 3, SamplingParams(max_tokens=3, seed=5))
     assert len(batches) > 1
@@ -177,6 +178,38 @@ def test_seeded_draws_do_not_depend_on_the_batch(trainer, trained, second):
     assert len({tuple(s.tokens) for s in alone.sequences}) > 1
     reseeded = trainer.sample_batch([SampleJob(job.adapter, job.prompt, 3, SamplingParams(max_tokens=10, seed=78))])[0]
     assert [s.tokens for s in reseeded.sequences] != [s.tokens for s in alone.sequences]
+
+
+def test_a_requests_samples_share_one_prefill_and_draw_what_rows_prefilled_alone_draw(trainer, trained, monkeypatch):
+    prompt = encode(trainer, "the cat sat on")
+    job = SampleJob(trained, prompt, 4, SamplingParams(max_tokens=10, seed=5))
+    shared = trainer.sample_batch([job])
+    assert trainer.engine.last_prefill_tokens == (len(prompt), 4 * len(prompt))
+    monkeypatch.setattr(trainer.engine, "share_prefill", False)
+    unshared = trainer.sample_batch([job])
+    assert trainer.engine.last_prefill_tokens == (4 * len(prompt), 4 * len(prompt))
+    assert_same_draws(shared, unshared)
+    assert len({tuple(s.tokens) for s in shared[0].sequences}) > 1  # the rows draw apart after the shared prefill
+
+
+def test_rows_share_a_prefill_only_with_rows_of_the_same_prompt_and_adapter(trainer, trained, second, monkeypatch):
+    """Two prompts of different lengths, and one prompt under two adapters and the base model: a copy of
+    another prompt's or another adapter's cache rows, or a prefill under another row's adapter, would draw
+    other tokens or logprobs than the unshared batch."""
+    cat, count = encode(trainer, "the cat"), encode(trainer, "one two three four")
+    jobs = [SampleJob(trained, cat, 3, SamplingParams(max_tokens=10, seed=1)),
+            SampleJob(trained, count, 2, SamplingParams(max_tokens=10, seed=2)),
+            SampleJob(second, cat, 2, SamplingParams(max_tokens=10, seed=3)),
+            SampleJob(None, cat, 1, SamplingParams(max_tokens=10, seed=4))]
+    shared = trainer.sample_batch(jobs)
+    assert trainer.engine.last_prefill_tokens == (3 * len(cat) + len(count), 6 * len(cat) + 2 * len(count))
+    monkeypatch.setattr(trainer.engine, "share_prefill", False)
+    unshared = trainer.sample_batch(jobs)
+    assert_same_draws(shared, unshared)
+    # and the adapters really differ on this prompt: the other one's cache rows would have given other logprobs
+    seq = shared[0].sequences[0]
+    neighbours = trainer.compute_logprobs(second, cat + seq.tokens)[len(cat):]
+    assert max(abs(a - b) for a, b in zip(neighbours, seq.logprobs)) > 1e-2
 
 
 def test_compiled_decoding_gives_the_eager_tokens_and_serves_new_batches_without_recompiling(

@@ -44,6 +44,8 @@ class PyTorchEngine(InferenceEngine):
     # 3.7 GiB of bf16 cache on a 1.5B Qwen2.5 shape, 2.9 GiB on the default model)
     max_batch_rows = 64
     max_batch_tokens = 1 << 17
+    # rows of one prompt and adapter (a request's samples) share its prefill (off: every row is prefilled)
+    share_prefill = True
 
     def __init__(self, context: EngineContext, model: TrainingModel) -> None:
         super().__init__(context)
@@ -52,6 +54,8 @@ class PyTorchEngine(InferenceEngine):
         self.compiled = setting == "on" or (setting == "auto" and context.device.type == "cuda")
         self._decode: CompiledDecode | None = None
         self._mixed = MixedLora(context.dtype)
+        # prompt tokens the last ``sample`` call prefilled, and those of all its rows (without sharing)
+        self.last_prefill_tokens = (0, 0)
         with model.without_adapters() as causal_lm:
             decode_attention.install(causal_lm)
 
@@ -70,27 +74,30 @@ class PyTorchEngine(InferenceEngine):
         # requests of every adapter (and the base model) share each decode loop
         order = sorted(range(len(requests)), key=lambda i: _adapter_of(requests[i]) or "")
         rows: list[Row] = []
-        row_adapters: list[str | None] = []
         groups: dict[int, list[int]] = {}
         for i in order:
             req = requests[i]
             seed = request_seed(req.params)
             max_new = min(req.params.max_tokens, self.context.max_model_len - len(req.prompt))
             groups[i] = list(range(len(rows), len(rows) + req.num_samples))
-            rows += [Row(req.prompt, req.params, seed, n, max_new) for n in range(req.num_samples)]
-            row_adapters += [_adapter_of(req)] * req.num_samples
+            rows += [Row(req.prompt, req.params, seed, n, max_new, _adapter_of(req)) for n in range(req.num_samples)]
+        row_adapters = [r.adapter for r in rows]
         slots = self.context.settings.max_loras if self.compiled else None
+        prefilled = unshared = 0
         for start, end in _batches(rows, row_adapters, self.max_batch_rows, self.max_batch_tokens, slots):
-            self._decode_batch(rows[start:end], row_adapters[start:end])
+            done, whole = self._decode_batch(rows[start:end], row_adapters[start:end])
+            prefilled, unshared = prefilled + done, unshared + whole
+        self.last_prefill_tokens = (prefilled, unshared)
         return [Samples([to_sequence(rows[j]) for j in groups[i]]) for i in range(len(requests))]
 
-    def _decode_batch(self, rows: list[Row], row_adapters: list[str | None]) -> None:
+    def _decode_batch(self, rows: list[Row], row_adapters: list[str | None]) -> tuple[int, int]:
+        """Decode one batch; returns the prompt tokens prefilled and those of its rows (``generate``)."""
         model, context = self.model, self.context
         if not self.compiled:
             with model.without_adapters() as causal_lm, self._mixed.batch(causal_lm, row_adapters):
-                generate(causal_lm, rows, model.pad_token_id, model.eos_token_ids, context.tokenizer, context.device,
-                         model.vocab_size)
-            return
+                return generate(causal_lm, rows, model.pad_token_id, model.eos_token_ids, context.tokenizer,
+                                context.device, model.vocab_size, share_prefill=self.share_prefill,
+                                select_rows=self._mixed.rows)
         # compiled decoding: shapes from a few buckets, so each compiled graph serves many batches
         padding = [Row([model.pad_token_id], SamplingParams(temperature=0), 0, 0, 0)
                    for _ in range(_bucket(len(rows), ROW_BUCKETS) - len(rows))]
@@ -100,9 +107,11 @@ class PyTorchEngine(InferenceEngine):
                                                                        fixed):
             if self._decode is None or self._decode.eager is not causal_lm:
                 self._decode = CompiledDecode(causal_lm, context.device)
-            generate(causal_lm, rows + padding, model.pad_token_id, model.eos_token_ids, context.tokenizer,
-                     context.device, model.vocab_size, decode=self._decode,
-                     cache_len=max(MIN_CACHE, 1 << (width - 1).bit_length()))
+            # the padding rows' one-token prompts count too (prefilled once, shared by them all)
+            return generate(causal_lm, rows + padding, model.pad_token_id, model.eos_token_ids, context.tokenizer,
+                            context.device, model.vocab_size, decode=self._decode,
+                            cache_len=max(MIN_CACHE, 1 << (width - 1).bit_length()),
+                            share_prefill=self.share_prefill, select_rows=self._mixed.rows)
 
 
 def _adapter_of(request: SampleRequest) -> str | None:

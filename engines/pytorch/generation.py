@@ -13,16 +13,22 @@ Each row is one sample of one request; a request's rows share its seed and are t
 sample number, so a seeded request draws the same tokens whatever else is in the batch. The logprob
 reported for a token is from the raw distribution (temperature 1, no top-k/top-p), which is what the
 trainer computes; the token itself is drawn from the processed distribution.
+
+Rows with the same prompt and adapter (a request's samples, above all) share one prefill: only the
+distinct prompts are run, and their KV cache rows and last logits are copied to every row of that
+prompt before the first draw; the decode steps then run on every row, as if each had been prefilled.
 """
 
 from __future__ import annotations
 
 import secrets
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from transformers import PreTrainedTokenizerBase, StaticCache
+from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
 from colo.types import SampledSequence, SamplingParams
 from engines.pytorch.token_draw import RowParams, draw
@@ -39,6 +45,8 @@ class Row:
     seed: int  # the request's seed (drawn at random when it has none), shared by its rows
     sample: int  # which of the request's samples this row is
     max_new: int  # max_tokens, cut to what the context leaves
+    adapter: str | None = None  # the adapter it samples from (None: the base model); rows share a prefill
+    # only when their prompts and adapters are the same
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     stop_reason: str | None = None
@@ -59,9 +67,14 @@ def generate(
     vocab_size: int,
     decode: Callable[..., Any] | None = None,
     cache_len: int | None = None,
-) -> None:
+    share_prefill: bool = True,
+    select_rows: Callable[[list[int]], AbstractContextManager[Any]] | None = None,
+) -> tuple[int, int]:
     """Fill each row's tokens, logprobs and stop_reason. ``decode`` runs the decode steps (default: ``model``;
-    the compiled step); ``cache_len`` sizes the KV cache (default: just enough)."""
+    the compiled step); ``cache_len`` sizes the KV cache (default: just enough). ``share_prefill``: rows of
+    one prompt and adapter share its prefill; inside ``select_rows(index)``, a forward pass of ``len(index)``
+    rows is rows ``index`` of the batch (the engine's per-row adapters). Returns the prompt tokens
+    prefilled and those of all rows (what prefilling every row would have taken)."""
     batch = len(rows)
     width = max(len(r.prompt) for r in rows)
     steps = max(r.max_new for r in rows)
@@ -88,16 +101,30 @@ def generate(
     string_rows = [b for b, r in enumerate(rows) if r.params.stop_strings]
 
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                cache_position=torch.arange(width, device=device), use_cache=True,
-                # an index tensor, not 1: a slice would reach the output layer as a strided view, which
-                # torch.matmul multiplies by copying the whole weight once per row
-                logits_to_keep=torch.tensor([width - 1], device=device))
+    # only attention layers' keys and values are copied: a model with other cache state prefills every row
+    share = share_prefill and all(type(layer) in (StaticLayer, StaticSlidingWindowLayer) for layer in cache.layers)
+    firsts: dict[Any, int] = {}  # a prompt and adapter (or, unshared, a row) -> its row of the prefill batch
+    spread = [firsts.setdefault((tuple(r.prompt), r.adapter) if share else b, len(firsts))
+              for b, r in enumerate(rows)]
+    prefilled = [spread.index(k) for k in range(len(firsts))]  # the first row of each distinct prompt
+    shared = len(prefilled) < batch
+    pick = prefilled if shared else slice(None)
+    with select_rows(prefilled) if shared and select_rows else nullcontext():
+        out = model(input_ids=ids[pick], attention_mask=mask[pick], position_ids=positions[pick],
+                    past_key_values=cache, cache_position=torch.arange(width, device=device), use_cache=True,
+                    # an index tensor, not 1: a slice would reach the output layer as a strided view, which
+                    # torch.matmul multiplies by copying the whole weight once per row
+                    logits_to_keep=torch.tensor([width - 1], device=device))
+    logits = out.logits[:, -1, :]
+    if shared:
+        index = torch.tensor(spread, device=device)
+        logits = logits.index_select(0, index)
+        _spread(cache, index)
     position = positions[:, -1:]
     column = torch.tensor([width], device=device)  # the cache column each decode step writes, kept on the device
     checked = 0  # steps whose tokens the host has searched for stop strings
     for t in range(steps):
-        raw = torch.log_softmax(out.logits[:, -1, :], dim=-1, dtype=torch.float32)
+        raw = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
         chosen = draw(raw, draw_params, step)
         live = ~done
         tokens[:, t] = chosen
@@ -117,12 +144,26 @@ def generate(
         position = position + 1
         out = decode(input_ids=chosen.unsqueeze(-1), attention_mask=mask, position_ids=position,
                      past_key_values=cache, cache_position=column, use_cache=True)
+        logits = out.logits[:, -1, :]
         column = column + 1  # a new tensor: a compiled step may hold on to the one it was given
 
     tokens, logprobs, lengths, stopped = tokens.tolist(), logprobs.tolist(), lengths.tolist(), stopped.tolist()
     for b, r in enumerate(rows):
         r.tokens, r.logprobs = tokens[b][: lengths[b]], logprobs[b][: lengths[b]]
         r.stop_reason = "stop" if stopped[b] else "length"
+    return sum(len(rows[b].prompt) for b in prefilled), sum(len(r.prompt) for r in rows)
+
+
+def _spread(cache: StaticCache, index: torch.Tensor) -> None:
+    """Row b of every layer's keys and values becomes the prefilled row ``index[b]`` (a copy), so the cache
+    holds one row per row of the batch. The lengths written so far are the same for every row."""
+    for layer in cache.layers:
+        if layer.is_initialized:
+            layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+            layer.batch_size = len(index)
+            # as the layer's own allocation does: compiled (CUDA-graph) decode steps read them in place
+            torch._dynamo.mark_static_address(layer.keys)
+            torch._dynamo.mark_static_address(layer.values)
 
 
 def _stop_ids(rows: list[Row], eos_token_ids: frozenset[int], device: torch.device) -> torch.Tensor:

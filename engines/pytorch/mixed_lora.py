@@ -79,6 +79,18 @@ class MixedLora:
         finally:
             self.shared.active = False
 
+    @contextmanager
+    def rows(self, index: list[int]) -> Iterator[None]:
+        """While inside, a forward pass of ``len(index)`` rows is rows ``index`` of the batch: row k gets the
+        adapter of row ``index[k]`` (a prefill of the batch's distinct prompts only)."""
+        mask = self.shared.mask
+        if mask is not None:
+            self.shared.mask = mask[index]
+        try:
+            yield
+        finally:
+            self.shared.mask = mask
+
     def _layers(self, model: torch.nn.Module) -> list[tuple[LoraLayer, _LayerStack]]:
         """Every LoRA layer of ``model`` with its hook (installed once per layer object, kept while it lives)."""
         live = {}
