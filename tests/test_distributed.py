@@ -112,7 +112,7 @@ def test_a_hung_rank_ends_the_job_after_the_collective_timeout(tiny_model_dir, t
     assert proc.returncode != 0
     assert elapsed < 120, elapsed  # not the hour rank 1 sleeps
     # rank 0 gave up on its own: the loss sum of its next step timed out, and torchrun then ended rank 1
-    assert "RanksError: rank 0 of 2: the loss sum failed, another rank died or hangs" in proc.stderr, \
+    assert "RanksError: rank 0 of 2: summing the loss and token counts failed, another rank died or hangs" in proc.stderr, \
         proc.stderr[-3000:]
     assert "COLO_COLLECTIVE_TIMEOUT_SECONDS=5 s" in proc.stderr
 
