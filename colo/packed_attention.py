@@ -65,26 +65,34 @@ def packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: Pa
     kv_heads = k.shape[0]
     outputs = []
     for chunk in plan.chunks:
-        n, width = chunk.rows.shape
-        flat = chunk.rows.reshape(-1)
-        qq = q[:, flat].view(heads, n, width, dim).transpose(0, 1)
-        kk = torch.cat([k[:, chunk.context].unsqueeze(0).expand(n, -1, -1, -1),
-                        k[:, flat].view(kv_heads, n, width, dim).transpose(0, 1)], dim=2)
-        vv = torch.cat([v[:, chunk.context].unsqueeze(0).expand(n, -1, -1, -1),
-                        v[:, flat].view(kv_heads, n, width, dim).transpose(0, 1)], dim=2)
+        n, width = chunk.valid.shape
+        if chunk.rows is None:  # segments of one length: a slice of the row, no copy
+            end = chunk.start + n * width
+            qq = q[:, chunk.start:end].unflatten(1, (n, width)).transpose(0, 1)
+            k_own = k[:, chunk.start:end].unflatten(1, (n, width)).transpose(0, 1)
+            v_own = v[:, chunk.start:end].unflatten(1, (n, width)).transpose(0, 1)
+        else:
+            flat = chunk.rows.reshape(-1)
+            qq = q[:, flat].unflatten(1, (n, width)).transpose(0, 1)
+            k_own = k[:, flat].unflatten(1, (n, width)).transpose(0, 1)
+            v_own = v[:, flat].unflatten(1, (n, width)).transpose(0, 1)
+        kk = torch.cat([k[:, chunk.context].unsqueeze(0).expand(n, -1, -1, -1), k_own], dim=2)
+        vv = torch.cat([v[:, chunk.context].unsqueeze(0).expand(n, -1, -1, -1), v_own], dim=2)
         mask = chunk.mask(sliding_window)
         if softcap:
             out = _softcapped(qq, kk, vv, mask, scaling if scaling is not None else dim ** -0.5, softcap)
         else:
             out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scaling,
                                                  enable_gqa=heads != kv_heads)
-        outputs.append(out.transpose(1, 2)[chunk.valid])  # (real queries, heads, dim)
-    return torch.cat(outputs)[plan.inverse].unsqueeze(0)
+        out = out.transpose(1, 2)  # (n, width, heads, dim)
+        outputs.append(out.reshape(n * width, heads, dim) if chunk.rows is None else out[chunk.valid])
+    return torch.cat(outputs).unsqueeze(0)
 
 
 def _softcapped(q, k, v, mask, scale, softcap):
+    """softmax(softcap * tanh(q k^T / softcap)) v written out (SDPA has no soft-capping); scores in float32."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * scale / softcap) * softcap
+    scores = torch.tanh(torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)

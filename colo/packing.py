@@ -134,9 +134,12 @@ class _Segment:
 
 @dataclass(frozen=True)
 class AttentionChunk:
-    """Segments of one parent attended to in one call: their queries padded to ``(n, width)``."""
-    context: torch.Tensor  # (a,) packed rows of the ancestors, in position order
-    rows: torch.Tensor  # (n, width) packed rows of each segment's tokens (padding: row 0)
+    """Segments of one parent attended to in one call: their queries padded to ``(n, width)``. The packed row
+    is laid out chunk after chunk, so a chunk's real queries are rows ``start`` onwards, in order."""
+    start: int
+    context: torch.Tensor | slice  # (a,) packed rows of the ancestors, in position order (a slice if contiguous)
+    rows: torch.Tensor | None  # (n, width) packed rows of each segment's tokens (padding: row 0); None: none
+    # padded, the rows ``start`` to ``start + n * width``
     valid: torch.Tensor  # (n, width) bool
     query_positions: torch.Tensor  # (n, width) positions of the queries in their sequences
     key_positions: torch.Tensor  # (n, a + width)
@@ -158,10 +161,9 @@ class AttentionChunk:
 
 @dataclass(frozen=True)
 class PackedAttention:
-    """What ``colo.packed_attention`` needs for one packed row (passed to the model as ``colo_packing``)."""
+    """What ``colo.packed_attention`` needs for one packed row (passed to the model as ``colo_packing``): the
+    chunks' outputs, concatenated, are the packed row's."""
     chunks: tuple[AttentionChunk, ...]
-    order: torch.Tensor  # the packed rows in the order the chunks produce them, concatenated
-    inverse: torch.Tensor  # position of each packed row in that order
 
 
 @dataclass(frozen=True)
@@ -205,25 +207,35 @@ def pack(sequences: Sequence[Sequence[int]], device: torch.device, share: bool =
         while end is not None:
             chain.append(end)
             end = end.parent
-        paths.append([r for s in reversed(chain) for r in range(s.row, s.row + s.end - s.start)])
-    return Packed(tokens, positions, paths, _attention(roots, device),
-                  unshared=sum(len(s) for s in sequences))
+        paths.append([r for s in reversed(chain) for r in _rows(s)])
+    # lay the row out in the order the attention chunks produce it: their outputs then concatenate, and a
+    # chunk of equal segments (or a family's context of one segment) is a contiguous slice, not a gather
+    calls = _calls(roots)
+    order = [r for _, group in calls for s in group for r in _rows(s)]
+    new = [0] * len(order)
+    for i, r in enumerate(order):
+        new[r] = i
+    chunks, start = [], 0
+    for context, group in calls:
+        chunks.append(_chunk([new[r] for r in context], [[new[r] for r in _rows(s)] for s in group], start, device))
+        start += sum(s.end - s.start for s in group)
+    return Packed([tokens[r] for r in order], [positions[r] for r in order], [[new[r] for r in p] for p in paths],
+                  PackedAttention(tuple(chunks)), unshared=sum(len(s) for s in sequences))
 
 
-def _attention(roots: list[_Segment], device: torch.device) -> PackedAttention:
-    chunks: list[AttentionChunk] = []
+def _rows(segment: _Segment) -> range:
+    return range(segment.row, segment.row + segment.end - segment.start)
+
+
+def _calls(roots: list[_Segment]) -> list[tuple[list[int], list[_Segment]]]:
+    """(the ancestors' rows, sibling segments) of each attention call."""
+    calls = []
     families: list[tuple[list[int], list[_Segment]]] = [([], roots)]
     while families:
         context, members = families.pop()
-        for group in _by_width(members):
-            chunks.append(_chunk(context, group, device))
-        for m in members:
-            if m.children:
-                families.append((context + list(range(m.row, m.row + m.end - m.start)), m.children))
-    order = torch.cat([c.rows[c.valid] for c in chunks])
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order), device=device)
-    return PackedAttention(tuple(chunks), order, inverse)
+        calls += [(context, group) for group in _by_width(members)]
+        families += [(context + list(_rows(m)), m.children) for m in members if m.children]
+    return calls
 
 
 def _by_width(members: list[_Segment]) -> list[list[_Segment]]:
@@ -241,15 +253,22 @@ def _by_width(members: list[_Segment]) -> list[list[_Segment]]:
     return groups
 
 
-def _chunk(context: list[int], group: list[_Segment], device: torch.device) -> AttentionChunk:
-    a = len(context)
-    width = max(s.end - s.start for s in group)
+def _chunk(context: list[int], members: list[list[int]], start: int, device: torch.device) -> AttentionChunk:
+    """One call: ``members`` are the segments' packed rows (consecutive from ``start``), ``context`` their
+    ancestors'."""
+    a, n = len(context), len(members)
+    width = max(len(m) for m in members)
     offsets = torch.arange(width)
-    lengths = torch.tensor([s.end - s.start for s in group])
+    lengths = torch.tensor([len(m) for m in members])
     valid = offsets[None, :] < lengths[:, None]
-    rows = torch.where(valid, torch.tensor([s.row for s in group])[:, None] + offsets[None, :], 0)
-    query_positions = a + offsets[None, :].expand(len(group), width)
-    key_positions = torch.cat([torch.arange(a)[None, :].expand(len(group), a), query_positions], dim=1)
-    key_valid = torch.cat([torch.ones((len(group), a), dtype=torch.bool), valid], dim=1)
-    return AttentionChunk(torch.tensor(context, dtype=torch.long, device=device), rows.to(device), valid.to(device),
-                          query_positions.to(device), key_positions.to(device), key_valid.to(device))
+    rows = None
+    if not bool(valid.all()):
+        rows = torch.where(valid, torch.tensor([m[0] for m in members])[:, None] + offsets[None, :], 0).to(device)
+    contiguous = context == list(range(context[0], context[0] + a)) if a else True
+    where = slice(context[0] if a else 0, (context[0] if a else 0) + a) if contiguous else \
+        torch.tensor(context, dtype=torch.long, device=device)
+    query_positions = a + offsets[None, :].expand(n, width)
+    key_positions = torch.cat([torch.arange(a)[None, :].expand(n, a), query_positions], dim=1)
+    key_valid = torch.cat([torch.ones((n, a), dtype=torch.bool), valid], dim=1)
+    return AttentionChunk(start, where, rows, valid.to(device), query_positions.to(device), key_positions.to(device),
+                          key_valid.to(device))

@@ -200,3 +200,37 @@ def test_the_stale_sampler_alarm(trainer, make_adapter, caplog):
     assert stale["kl_sample_train_v2:mean"] > trainer.config.sampler_gap_warn
     assert any(a in r.getMessage() and "kl_sample_train_v2" in r.getMessage() for r in caplog.records)
     assert "kl_sample_train_v1:mean" not in trainer.forward(a, plain, "cross_entropy").metrics
+
+
+@pytest.mark.parametrize("softcap", [None, 20.0])
+@pytest.mark.parametrize("window", [None, 3])
+def test_packed_attention_is_each_sequences_own_attention(window, softcap):
+    """The attention function alone, against softmax(q k^T) v of each sequence by itself (GQA: 4 query heads on
+    2 KV heads), with a sliding window and soft-capping."""
+    from colo.packed_attention import packed
+
+    seqs = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 9], [1, 2, 7, 7, 7], [5], [8, 8, 8, 8, 8, 8, 8]]
+    p = pack(seqs, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    # one query/key/value per (position, token prefix): shared rows must give every sequence the same values
+    table: dict[tuple, tuple] = {}
+    for seq in seqs:
+        for i in range(len(seq)):
+            table.setdefault(tuple(seq[: i + 1]), tuple(torch.randn(h, 8, generator=g) for h in (4, 2, 2)))
+    q, k, v = (torch.zeros(1, h, len(p.tokens), 8) for h in (4, 2, 2))
+    for seq, path in zip(seqs, p.paths):
+        for i, r in enumerate(path):
+            q[0, :, r], k[0, :, r], v[0, :, r] = table[tuple(seq[: i + 1])]
+    out = packed(q, k, v, p.attention, 0.5, window, softcap)[0]
+    for seq, path in zip(seqs, p.paths):
+        qs, ks, vs = (torch.stack([table[tuple(seq[: i + 1])][j] for i in range(len(seq))], 1) for j in range(3))
+        ks, vs = ks.repeat_interleave(2, 0), vs.repeat_interleave(2, 0)
+        scores = qs @ ks.transpose(-1, -2) * 0.5
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        pos = torch.arange(len(seq))
+        allowed = pos[None, :] <= pos[:, None]
+        if window:
+            allowed &= pos[:, None] - pos[None, :] < window
+        expected = (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vs).transpose(0, 1)
+        assert torch.allclose(out[path], expected, atol=1e-5), seq
