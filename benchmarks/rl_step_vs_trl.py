@@ -200,6 +200,7 @@ def run_trl(args) -> dict:
 
     # conversational prompts: TRL applies the chat template, giving the same prompt ids as colo's
     system = system_prompt(tok, args.system_tokens)
+    questions = args.questions  # the callback's own `args` are TRL's
     data = Dataset.from_list([{"prompt": messages(system, a, b), "a": a, "b": b}
                               for questions in question_stream(args.seed, args.steps, args.questions)
                               for a, b in questions])
@@ -232,9 +233,9 @@ def run_trl(args) -> dict:
             trained, self.tokens_seen = logs["num_tokens"] - self.tokens_seen, logs["num_tokens"]
             self.rows.append({"seconds": self.seconds, "sample_seconds": generate, "reward_seconds": rewards,
                               "train_seconds": self.seconds - generate - rewards, "publish_seconds": None,
-                              "sampled_tokens": round(logs["completions/mean_length"] * args.questions * GROUP),
+                              "sampled_tokens": round(logs["completions/mean_length"] * questions * GROUP),
                               "trained_tokens": int(trained), "computed_tokens": int(trained),
-                              "trained_sequences": args.questions * GROUP,
+                              "trained_sequences": questions * GROUP,
                               "reward": logs["reward"], "trl_step_time": logs.get("step_time")})
 
     config = GRPOConfig(
