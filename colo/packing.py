@@ -24,6 +24,10 @@ import torch
 # padded query area a batched attention call may take, relative to the real one (colo.packed_attention
 # pads the segments of one parent into one call)
 PAD_SLACK = 1.25
+# most key positions one attention call holds: the call copies its context's keys and values once per segment
+# (SDPA takes one batch), so 64 samples after a 4,000-token conversation would otherwise hold 256,000 key rows
+# per layer; at this bound, K and V of one call take 64 MiB for 8 KV heads of 128 in bf16
+CALL_KEYS = 1 << 14
 
 
 def lcp(a: Sequence[int], b: Sequence[int]) -> int:
@@ -233,18 +237,21 @@ def _calls(roots: list[_Segment]) -> list[tuple[list[int], list[_Segment]]]:
     families: list[tuple[list[int], list[_Segment]]] = [([], roots)]
     while families:
         context, members = families.pop()
-        calls += [(context, group) for group in _by_width(members)]
+        calls += [(context, group) for group in _by_width(members, len(context))]
         families += [(context + list(_rows(m)), m.children) for m in members if m.children]
     return calls
 
 
-def _by_width(members: list[_Segment]) -> list[list[_Segment]]:
-    """Siblings grouped, longest first, so that padding them to their longest stays within ``PAD_SLACK``."""
+def _by_width(members: list[_Segment], context: int) -> list[list[_Segment]]:
+    """Siblings grouped, longest first, so that padding them to their longest stays within ``PAD_SLACK`` and a
+    call holds at most ``CALL_KEYS`` key positions (its context's once per segment, and the segments')."""
     groups: list[list[_Segment]] = []
     real = 0
     for m in sorted(members, key=lambda s: -(s.end - s.start)):
         n = m.end - m.start
-        if groups and (len(groups[-1]) + 1) * (groups[-1][0].end - groups[-1][0].start) <= PAD_SLACK * (real + n):
+        width = groups[-1][0].end - groups[-1][0].start if groups else 0
+        if (groups and (len(groups[-1]) + 1) * width <= PAD_SLACK * (real + n)
+                and (len(groups[-1]) + 1) * (context + width) <= CALL_KEYS):
             groups[-1].append(m)
             real += n
         else:

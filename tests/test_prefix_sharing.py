@@ -234,3 +234,18 @@ def test_packed_attention_is_each_sequences_own_attention(window, softcap):
             allowed &= pos[:, None] - pos[None, :] < window
         expected = (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vs).transpose(0, 1)
         assert torch.allclose(out[path], expected, atol=1e-5), seq
+
+
+def test_an_attention_call_holds_a_bounded_number_of_key_positions(monkeypatch):
+    """Many samples after a long shared context are split over several calls, each under CALL_KEYS key rows."""
+    from colo import packing
+
+    monkeypatch.setattr(packing, "CALL_KEYS", 100)
+    context = list(range(1, 31))
+    seqs = [context + [100 + i] * 5 for i in range(12)]  # 12 x (30 + 5) = 420 key rows in one call
+    p = pack(seqs, torch.device("cpu"))
+    calls = [c for c in p.attention.chunks if c.valid.shape[0] > 1 or c.key_positions.shape[1] > 30]
+    assert len(calls) == 6  # 2 samples per call (2 x 35 <= 100 < 3 x 35)
+    for c in calls:
+        assert c.key_positions.numel() <= 100
+    assert sum(c.valid.sum() for c in p.attention.chunks) == len(p.tokens) == 30 + 60
