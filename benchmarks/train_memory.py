@@ -30,7 +30,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -110,14 +112,21 @@ def run(code_root: Path, batch: int, length: int, device: str, settings: dict, t
     return json.loads(lines[-1][7:])
 
 
-def old_worktree(ref: str) -> Path | None:
+@contextmanager
+def old_worktree(ref: str) -> Iterator[Path | None]:
+    """The repository at ``ref`` in a temporary git worktree (None when it cannot be checked out), removed after."""
     path = Path(tempfile.mkdtemp(prefix="colo-before-")) / "tree"
     proc = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), ref],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"cannot check out {ref}: {proc.stderr.strip()}; skipping the 'before' rows")
-        return None
-    return path
+                          capture_output=True, text=True) if ref else None
+    if proc is None or proc.returncode != 0:
+        if proc is not None:
+            print(f"cannot check out {ref}: {proc.stderr.strip()}; skipping its rows")
+        yield None
+        return
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], capture_output=True)
 
 
 def main() -> None:
@@ -133,13 +142,12 @@ def main() -> None:
         shared(args)
         return
 
-    before = old_worktree(args.before) if args.before else None
-    variants = [("after, no grad ckpt", ROOT, {"gradient_checkpointing": False}),
-                ("after (default: grad ckpt)", ROOT, {"gradient_checkpointing": True})]
-    if before is not None:
-        variants.insert(0, (f"before ({args.before})", before, None))
     rows, cells = [], {}
-    try:
+    with old_worktree(args.before) as before:
+        variants = [("after, no grad ckpt", ROOT, {"gradient_checkpointing": False}),
+                    ("after (default: grad ckpt)", ROOT, {"gradient_checkpointing": True})]
+        if before is not None:
+            variants.insert(0, (f"before ({args.before})", before, None))
         for batch, length, budget in SHAPES:
             for name, code_root, extra in variants:
                 settings = {} if extra is None else {"microbatch_tokens": budget, **extra}
@@ -152,9 +160,6 @@ def main() -> None:
                              f"{peak:.2f}", f"{tokens / statistics.median(seconds):.0f}",
                              f"{tokens / seconds[-1]:.0f}-{tokens / seconds[0]:.0f}"])
                 print(" | ".join(str(c) for c in rows[-1]), flush=True)
-    finally:
-        if before is not None:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], capture_output=True)
 
     headers = ["batch x length", "micro-batch tokens", "code", "peak GiB (above start)", "tokens/s (median)",
                "tokens/s (range)"]
@@ -194,13 +199,12 @@ GROUP_SHAPES = [(45, 10), (400, 64)]
 
 
 def shared(args) -> None:
-    padded = old_worktree(args.padded_commit)
-    variants = [("packed, each shared prompt once (default)", ROOT, {}),
-                ("packed, every datum in full", ROOT, {"share_prefixes": False})]
-    if padded is not None:
-        variants.append((f"right-padded, every datum in full ({args.padded_commit})", padded, {}))
     rows = []
-    try:
+    with old_worktree(args.padded_commit) as padded:
+        variants = [("packed, each shared prompt once (default)", ROOT, {}),
+                    ("packed, every datum in full", ROOT, {"share_prefixes": False})]
+        if padded is not None:
+            variants.append((f"right-padded, every datum in full ({args.padded_commit})", padded, {}))
         for prompt, completion in GROUP_SHAPES:
             length = prompt + completion
             useful = 64 * length
@@ -213,9 +217,6 @@ def shared(args) -> None:
                              f"{statistics.median(seconds):.2f}", f"{seconds[0]:.2f}-{seconds[-1]:.2f}",
                              f"{useful / statistics.median(seconds):.0f}"])
                 print(" | ".join(str(c) for c in rows[-1]), flush=True)
-    finally:
-        if padded is not None:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(padded)], capture_output=True)
     headers = ["groups x samples, prompt + completion", "code", "tokens computed", "peak GiB (above start)",
                "seconds (median)", "seconds (range)", "useful tokens/s"]
     summary = table(headers, rows)

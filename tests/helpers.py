@@ -75,3 +75,32 @@ def assert_same_draws(results, others, atol: float = 1e-5) -> None:
         assert [s.tokens for s in x.sequences] == [s.tokens for s in y.sequences]
         for a, b in zip(x.sequences, y.sequences):
             assert a.logprobs == pytest.approx(b.logprobs, abs=atol)
+
+
+def one_shot(trainer, adapter, data, loss_fn):
+    """Each datum through the model's own forward and logits (transformers' attention, nothing of colo's packing,
+    chunking or sharing), padded in one batch: the loss, each datum's logprobs, the gradients (taken)."""
+    width = max(len(d.model_input) for d in data)
+    ids = torch.zeros((len(data), width), dtype=torch.long)
+    mask = torch.zeros((len(data), width), dtype=torch.long)
+    for b, d in enumerate(data):
+        ids[b, : len(d.model_input)] = torch.tensor(d.model_input)
+        mask[b, : len(d.model_input)] = 1
+    with trainer.policy.active(adapter, train=True) as model:
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        all_lp = torch.log_softmax(logits, dim=-1)
+        total, lps = torch.zeros(()), []
+        for b, d in enumerate(data):
+            n = len(d.model_input)
+            lp = all_lp[b, :n].gather(-1, d.loss_fn_inputs["target_tokens"][:, None]).squeeze(-1)
+            lps.append(lp.detach())
+            total = total + REFERENCE_LOSSES[loss_fn](lp, {k: v.float() for k, v in d.loss_fn_inputs.items()})
+        total.backward()
+    return float(total.detach()), lps, take_grads(trainer, adapter)
+
+
+def take_grads(trainer, adapter) -> dict[str, torch.Tensor]:
+    grads = {k: p.grad.clone() for k, p in trainer.adapters[adapter].params.items()}
+    for p in trainer.adapters[adapter].params.values():
+        p.grad = None
+    return grads

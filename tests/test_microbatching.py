@@ -12,7 +12,7 @@ import torch
 
 from colo import Datum
 from colo.packing import plan
-from helpers import REFERENCE_LOSSES
+from helpers import REFERENCE_LOSSES, one_shot, take_grads
 
 LENGTHS = [5, 17, 9, 30, 12, 3, 17]
 BUDGET = 40  # packed without padding, 93 tokens in 4 micro-batches: boundaries inside the batch
@@ -31,34 +31,6 @@ def make_data(loss_fn: str, vocab: int) -> list[Datum]:
             inputs["advantages"] = torch.randn(n, generator=g)
         data.append(Datum(tokens[:-1].tolist(), inputs))
     return data
-
-
-def one_shot(trainer, adapter, data, loss_fn):
-    """The whole batch in one forward through the model's own logits; loss, per-datum logprobs, grads."""
-    width = max(len(d.model_input) for d in data)
-    ids = torch.zeros((len(data), width), dtype=torch.long)
-    mask = torch.zeros((len(data), width), dtype=torch.long)
-    for b, d in enumerate(data):
-        ids[b, : len(d.model_input)] = torch.tensor(d.model_input)
-        mask[b, : len(d.model_input)] = 1
-    with trainer.policy.active(adapter, train=True) as model:
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        all_lp = torch.log_softmax(logits, dim=-1)
-        total, lps = torch.zeros(()), []
-        for b, d in enumerate(data):
-            n = len(d.model_input)
-            lp = all_lp[b, :n].gather(-1, d.loss_fn_inputs["target_tokens"][:, None]).squeeze(-1)
-            lps.append(lp.detach())
-            total = total + REFERENCE_LOSSES[loss_fn](lp, {k: v.float() for k, v in d.loss_fn_inputs.items()})
-        total.backward()
-    return float(total.detach()), lps, take_grads(trainer, adapter)
-
-
-def take_grads(trainer, adapter) -> dict[str, torch.Tensor]:
-    grads = {k: p.grad.clone() for k, p in trainer.adapters[adapter].params.items()}
-    for p in trainer.adapters[adapter].params.values():
-        p.grad = None
-    return grads
 
 
 @pytest.fixture
