@@ -176,7 +176,6 @@ class Packed:
     positions: list[int]
     paths: list[list[int]]  # per sequence (input order): the packed rows of its tokens, in position order
     attention: PackedAttention
-    unshared: int  # the sequences' tokens, each counted in full
 
 
 def pack(sequences: Sequence[Sequence[int]], device: torch.device, share: bool = True) -> Packed:
@@ -224,7 +223,7 @@ def pack(sequences: Sequence[Sequence[int]], device: torch.device, share: bool =
         chunks.append(_chunk([new[r] for r in context], [[new[r] for r in _rows(s)] for s in group], start, device))
         start += sum(s.end - s.start for s in group)
     return Packed([tokens[r] for r in order], [positions[r] for r in order], [[new[r] for r in p] for p in paths],
-                  PackedAttention(tuple(chunks)), unshared=sum(len(s) for s in sequences))
+                  PackedAttention(tuple(chunks)))
 
 
 def _rows(segment: _Segment) -> range:

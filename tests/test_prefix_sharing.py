@@ -129,7 +129,7 @@ def test_packing_computes_each_shared_prefix_once():
     assert packed.paths[2][:4] == packed.paths[0][:4] == packed.paths[3]  # the same rows, not copies
     assert packed.paths[1] == packed.paths[4]
     unshared = pack(seqs, torch.device("cpu"), share=False)
-    assert len(unshared.tokens) == sum(map(len, seqs)) == unshared.unshared
+    assert len(unshared.tokens) == sum(map(len, seqs))
 
 
 def test_the_plan_keeps_groups_whole_and_cuts_where_little_is_shared():

@@ -72,17 +72,16 @@ class StabilityRecords:
             advantages = d.loss_fn_inputs.get("advantages")
             if targets is None or advantages is None:
                 break  # the Trainer's own checks say what is missing
-            d.loss_fn_inputs["logprobs"] = self.sampler_logprobs(tenant, i, targets.tolist(), advantages, datum_spans)
-            with self._lock:
-                sources.update((r.adapter, r.version) for s in datum_spans if s.kind == "sampled"
-                               and (r := self._items.get((tenant, s.sequence_id))) is not None)
+            d.loss_fn_inputs["logprobs"] = self.sampler_logprobs(tenant, i, targets.tolist(), advantages, datum_spans,
+                                                                 sources)
         return sources
 
     def sampler_logprobs(self, tenant: str, index: int, targets: list[int], advantages: torch.Tensor,
-                         spans: list[Span]) -> torch.Tensor:
+                         spans: list[Span], sources: set[tuple[str | None, int | None]]) -> torch.Tensor:
         """The recorded sampler logprob of each target of datum ``index`` (0 on prompt positions), checked
         against the spans: they must tile the targets, name recorded sequences of this tenant, and match
-        their tokens; prompt positions may not carry an advantage."""
+        their tokens; prompt positions may not carry an advantage. Adds to ``sources`` the adapter versions
+        that sampled the sampled spans."""
         where = f"data[{index}]"
         if sum(s.length for s in spans) != len(targets):
             raise InvalidRequestError(f"{where}: loss_fn_input_spans cover {sum(s.length for s in spans)} positions, "
@@ -108,6 +107,7 @@ class StabilityRecords:
                                               f"{span.sequence_id!r}'s {span.kind} tokens [{span.offset}:{end}]")
                 if span.kind == "sampled":
                     out[pos: pos + span.length] = torch.tensor(rec.logprobs[span.offset: end])
+                    sources.add((rec.adapter, rec.version))
                 elif bool(advantages[pos: pos + span.length].any()):
                     raise InvalidRequestError(f"{where}: advantages on prompt positions {pos}..{pos + span.length - 1}; "
                                               "allowed: nonzero advantages on sampled tokens only")
