@@ -266,7 +266,10 @@ class PolicyModel:
             expected = logits.gather(-1, probe[0, 1:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
             got = self.token_logprobs(self._base, [probe[0, :-1].tolist()], [probe[0, 1:].tolist()])[0]
         gap = float((got - expected).abs().max())
-        tolerance = 1e-4 if self.dtype == torch.float32 else 5e-2
+        # relative to the logprobs' size: the probe's special tokens score near -25, where float32's rounding
+        # over 30 layers (the default model) already reaches 2.5e-4; a head that is not the decoder's output
+        # layer misses by whole units
+        tolerance = (1e-4 if self.dtype == torch.float32 else 5e-2) * max(1.0, float(expected.abs().max()))
         if not gap <= tolerance:
             raise ConfigError(f"COLO_MODEL={self.path!r}: logprobs from the final hidden states differ from the model's own by "
                              f"{gap:.3g}; colo's chunked scoring supports causal LMs whose logits are the output "
