@@ -1,9 +1,10 @@
 """The Tinker API over HTTP, so the official ``tinker`` SDK trains and samples on this machine.
 
 ``create_app`` puts the routes together (``routes_session``, ``routes_training``, ``routes_sampling``,
-``routes_runs``, and the OpenAI-compatible ``routes_openai``) over one ``Service``, runs the housekeeping timer (silent sessions reaped, expired
-checkpoints deleted), and on shutdown lets the running job finish, answers the queued ones and
-releases the engine.
+``routes_runs``, and the OpenAI-compatible ``routes_openai``) over one ``Service``,
+with the Tinker routes colo refuses (``refusals``: 403 and why) and a 404 for any other path; runs the
+housekeeping timer (silent sessions reaped, expired checkpoints deleted), and on shutdown lets the
+running job finish, answers the queued ones and releases the engine.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
-from colo.service import routes_openai, routes_runs, routes_sampling, routes_session, routes_training
+from colo.service import refusals, routes_openai, routes_runs, routes_sampling, routes_session, routes_training
 from colo.service.errors import HTTPError
 from colo.service.http import Requests, add_error_handlers
 from colo.service.server import Service
@@ -50,13 +51,17 @@ def create_app(service: Service) -> FastAPI:
     rq = Requests(service.tenants, service.trainer.config.max_body_mib << 20)
     for group in (routes_session, routes_training, routes_sampling, routes_runs, routes_openai):
         app.include_router(group.routes(service, rq))
+    app.include_router(refusals.routes(rq))
 
-    served = sorted({f"{m} {r.path}" for r in app.routes for m in getattr(r, "methods", ()) if m != "HEAD"})
+    refused = {(x.method, x.path) for x in refusals.REFUSALS}
+    served = sorted({f"{m} {r.path}" for r in app.routes for m in getattr(r, "methods", ())
+                     if m != "HEAD" and (m, r.path) not in refused})
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     async def not_served(path: str, request: Request):
-        # a clear answer for what the SDK may call and colo does not do (publishing, billing, ...);
-        # 4xx, since the SDK retries a 5xx forever
-        raise HTTPError(404, f"{request.method} /{path} is not served by colo; served: {', '.join(served)}")
+        # a path no Tinker or OpenAI client of colo's SDK versions calls (or a method it does not take
+        # there); 4xx, since the SDK retries a 5xx forever
+        raise HTTPError(404, f"{request.method} /{path} is not served by colo: it is not a route of the Tinker "
+                             f"API (SDK 0.38) or the OpenAI API that colo knows; served: {', '.join(served)}")
 
     return app

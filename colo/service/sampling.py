@@ -25,7 +25,7 @@ from colo.service.base_model import BaseModel
 from colo.service.checkpoint_store import CheckpointStore
 from colo.service.checkpoints import Checkpoints
 from colo.service.errors import NotFound
-from colo.service.futures import Encode, Futures
+from colo.service.futures import Encode, Futures, queue_of
 from colo.service.models import Model, Models
 from colo.service.sessions import Sessions
 from colo.service.stability import StabilityRecords
@@ -125,7 +125,8 @@ class Sampling:
         prompt = tinker_wire.tokens_of(req.prompt, "prompt")
         future = self._submit(s, SampleJob(None, prompt, req.num_samples, tinker_wire.sampling_params(req.sampling_params),
                                            bool(req.prompt_logprobs)))
-        answer = self._futures.submit(tenant, future, encode)
+        queue = queue_of(s.sampler_id, req.seq_id) if req.sampling_session_id is not None else None
+        answer = self._futures.submit(tenant, future, encode, queue)  # queue: for retrieve_futures
         ids = [f"{answer['request_id']}:{i}" for i in range(req.num_samples)]
         answer["sample_sequence_ids"] = ids  # the SDK expects them on every sample, recorded or not
         if req.record_stability_info:
