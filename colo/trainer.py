@@ -27,6 +27,7 @@ from colo.adapters import Adapter
 from colo.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from colo.collective import collective, local
 from colo.config import Config
+from colo.custom_loss import CustomLoss
 from colo.default_model import resolve_model
 from colo.distributed import Ranks, launched_by_torchrun
 from colo.errors import CheckpointError, ConfigError, EngineError, InvalidRequestError, UnknownAdapterError
@@ -111,15 +112,18 @@ class Trainer:
     # ---- training -------------------------------------------------------------------------------
 
     @collective
-    def forward(self, adapter: str, data: Sequence[Datum], loss_fn: str = "cross_entropy",
+    def forward(self, adapter: str, data: Sequence[Datum], loss_fn: str | CustomLoss = "cross_entropy",
                 loss_fn_config: dict | None = None) -> ForwardBackwardOutput:
         with torch.no_grad():
             return self._run_loss(adapter, data, loss_fn, loss_fn_config, backward=False)
 
     @collective
-    def forward_backward(self, adapter: str, data: Sequence[Datum], loss_fn: str = "cross_entropy",
+    def forward_backward(self, adapter: str, data: Sequence[Datum], loss_fn: str | CustomLoss = "cross_entropy",
                          loss_fn_config: dict | None = None) -> ForwardBackwardOutput:
-        """Compute the loss (a sum over data and tokens) and add its gradients to the adapter's."""
+        """Compute the loss (a sum over data and tokens) and add its gradients to the adapter's.
+
+        ``loss_fn`` names a built-in loss (``colo.losses``), or is a ``CustomLoss`` (``colo.custom_loss``): a
+        loss graph a client sent as data, run per datum; its metrics join the output."""
         return self._run_loss(adapter, data, loss_fn, loss_fn_config, backward=True)
 
     @collective
@@ -427,11 +431,12 @@ class Trainer:
                                tensors={k: p.detach() for k, p in state.params.items()})
         self.engine.publish(update)
 
-    def _run_loss(self, adapter: str, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None,
+    def _run_loss(self, adapter: str, data: Sequence[Datum], loss_fn: str | CustomLoss, loss_fn_config: dict | None,
                   backward: bool) -> ForwardBackwardOutput:
         self._adapter(adapter)
-        spec, config = check_loss(loss_fn, loss_fn_config)
-        check_data(data, spec, loss_fn, self.policy.vocab_size, self.max_len, self.config.max_request_tokens)
+        custom = loss_fn if isinstance(loss_fn, CustomLoss) else None
+        custom_sums: dict[str, torch.Tensor] = {}  # a custom loss's metrics, summed over this rank's datums
+        datum_loss, needs_sampler = self._checked_loss(data, loss_fn, loss_fn_config, backward, custom_sums)
         reclaimed = self.sleep.before_training() if backward else None
         device = self.policy.device
         sequences = [d.model_input for d in data]
@@ -453,25 +458,51 @@ class Trainer:
                                                  [d.loss_fn_inputs["target_tokens"].tolist() for d in batch])
                 loss = torch.zeros((), device=device)
                 for i, lp, datum in zip(group, lps, batch):
-                    inputs = {k: v.to(device, torch.float32) for k, v in datum.loss_fn_inputs.items()
-                              if k != "target_tokens"}
-                    loss = loss + spec.fn(lp, inputs, config)
+                    loss = loss + datum_loss(lp, datum.loss_fn_inputs, i)
                     logprobs[i] = lp.detach()
                 if backward:
                     loss.backward()
                 total += loss.detach()
-        loss_sum, computed = self.ranks.sum([float(total), float(computed)])
+        keys = custom.metric_keys if custom is not None else ()
+        loss_sum, computed, *custom_metrics = self.ranks.sum(
+            [float(total), float(computed), *(float(custom_sums.get(k, 0.0)) for k in keys)])
         lengths = [len(s) for s in sequences]
         metrics = {"loss:sum": loss_sum, "tokens_computed:sum": computed, "tokens_unshared:sum": float(sum(lengths)),
                    "tokens_padded:sum": float(packing.padded_tokens(lengths, self.policy.microbatch_tokens))}
+        if custom is not None:
+            metrics.update(custom.reduce(custom_metrics, len(data)))
         if reclaimed is not None:
             metrics["engine_sleep_reclaimed_bytes:sum"] = float(reclaimed)
         outputs = self.ranks.gather({i: lp.cpu() for i, lp in logprobs.items()}, len(data))
-        if "logprobs" in spec.required:
+        if needs_sampler:
             gap = sampler_gap([d.loss_fn_inputs for d in data], outputs)
             metrics.update(gap)
             self._warn_if_stale(adapter, gap)
         return ForwardBackwardOutput(loss_fn_outputs=[{"logprobs": lp} for lp in outputs], metrics=metrics)
+
+    def _checked_loss(self, data: Sequence[Datum], loss_fn: str | CustomLoss, loss_fn_config: dict | None,
+                      backward: bool, custom_sums: dict[str, torch.Tensor]):
+        """(the loss of one datum: (logprobs, its loss_fn_inputs, its index) -> scalar, whether the loss reads the
+        sampler's logprobs), once ``data`` has passed the loss's checks."""
+        if isinstance(loss_fn, CustomLoss):
+            if loss_fn_config:
+                raise InvalidRequestError(f"loss_fn_config {sorted(loss_fn_config)} with custom loss {loss_fn.name!r}; "
+                                          "allowed: none (a custom loss takes its values from loss_fn_inputs)")
+            loss_fn.check_data(data, self.policy.vocab_size, self.max_len, self.config.max_request_tokens, backward)
+
+            # the datum's tensors as they came (ints stay ints), as the SDK passes them when it runs the loss
+            def custom(lp: torch.Tensor, inputs: dict[str, torch.Tensor], i: int) -> torch.Tensor:
+                return loss_fn.datum_loss(lp, inputs, custom_sums, f"data[{i}]")
+
+            return custom, False
+        spec, config = check_loss(loss_fn, loss_fn_config)
+        check_data(data, spec, loss_fn, self.policy.vocab_size, self.max_len, self.config.max_request_tokens)
+
+        def builtin(lp: torch.Tensor, inputs: dict[str, torch.Tensor], i: int) -> torch.Tensor:
+            return spec.fn(lp, {k: v.to(lp.device, torch.float32) for k, v in inputs.items() if k != "target_tokens"},
+                           config)
+
+        return builtin, "logprobs" in spec.required
 
     def _warn_if_stale(self, adapter: str, gap: dict[str, float]) -> None:
         threshold = self.config.sampler_gap_warn

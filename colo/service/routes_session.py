@@ -39,10 +39,12 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
     @r.post("/api/v1/client/config")
     async def client_config(request: Request):
         rq.tenant_of(request)
-        # sampling results are polled one request at a time (no session completion queue), and
-        # custom losses run in the client: the endpoints those flags would need are not served
+        # sampling results are polled one request at a time (no session completion queue): the endpoint
+        # that flag would need is not served. custom_loss_server_side: create_custom_loss uploads the traced
+        # loss graph (checked and run by colo.custom_loss) and forward_backward_custom runs it here, in one
+        # forward_backward, instead of a forward, the loss in the client, and a second pass with its gradient
         return tt.ClientConfigResponse(pjwt_auth_enabled=False, use_pyqwest_transport=False,
-                                       sample_use_retrieve_futures=False, custom_loss_server_side=False,
+                                       sample_use_retrieve_futures=False, custom_loss_server_side=True,
                                        sample_join_sampling_session=False).model_dump()
 
     @r.post("/api/v1/client/dynamic_config")

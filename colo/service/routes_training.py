@@ -1,4 +1,4 @@
-"""Routes of training clients: models, forward_backward, optim_step, saving and loading weights.
+"""Routes of training clients: models, custom losses, forward_backward, optim_step, saving and loading weights.
 
 Each route parses its request, makes one call on ``svc.training`` (or ``svc.sampling`` for a save for
 sampling), and says how the job's result is encoded when the client polls it (``routes_session``).
@@ -42,6 +42,12 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
         body = tinker_wire.decompress(await rq.body(request), request.headers.get("content-encoding"))
         call = tinker_wire.parse_forward_backward(body)
         return svc.training.forward_backward(tenant, call, lambda out: (tinker_wire.forward_backward_output(out), "proto"))
+
+    @r.post("/api/v1/create_custom_loss")
+    async def create_custom_loss(request: Request):
+        tenant, req = await rq.read(request, tt.CreateCustomLossRequest)
+        return svc.training.create_custom_loss(tenant, req,
+                                               lambda loss_id: as_json(tt.CreateCustomLossResponse(loss_id=loss_id)))
 
     @r.post("/api/v1/optim_step")
     async def optim_step(request: Request):

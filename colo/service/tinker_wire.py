@@ -32,6 +32,7 @@ class ForwardBackwardCall:
     seq_id: int
     loss_fn: str
     loss_fn_config: dict[str, float] | None
+    loss_id: str | None  # loss_fn "custom": the id create_custom_loss gave (the SDK sends it as config text)
     forward_only: bool
     data: list[Datum]
     spans: list[list[Span]]  # per datum: where each target token came from (provenance); may be empty
@@ -57,15 +58,24 @@ def parse_forward_backward(body: bytes) -> ForwardBackwardCall:
     if not msg.model_id:
         raise InvalidRequestError("forward_backward: model_id is missing")
     config: dict[str, float] = {}
+    loss_id = None
     for k, v in msg.loss_fn_config_v2.items():
-        if v.WhichOneof("value") != "number":
-            raise InvalidRequestError(f"loss_fn_config[{k!r}] is text; allowed: numbers")
-        config[k] = v.number
+        if k == "loss_id" and msg.loss_fn == "custom" and v.WhichOneof("value") == "text":
+            loss_id = v.text
+        elif v.WhichOneof("value") != "number":
+            raise InvalidRequestError(f"loss_fn_config[{k!r}] is text; allowed: numbers (and loss_id, the text id "
+                                      "of a custom loss, with loss_fn 'custom')")
+        else:
+            config[k] = v.number
     for k, v in msg.loss_fn_config.items():
         config.setdefault(k, v)
+    if msg.loss_fn == "custom" and (loss_id is None or config):
+        raise InvalidRequestError(f"loss_fn 'custom' with loss_fn_config keys {sorted(config) or 'none'} and loss_id "
+                                  f"{loss_id!r}; allowed: loss_id only, the id ServiceClient.create_custom_loss gave")
     data = [_datum(d, i) for i, d in enumerate(msg.data)]
     spans = [[_span(s, f"data[{i}].loss_fn_input_spans") for s in d.loss_fn_input_spans] for i, d in enumerate(msg.data)]
-    return ForwardBackwardCall(msg.model_id, msg.seq_id, msg.loss_fn, config or None, msg.forward_only, data, spans)
+    return ForwardBackwardCall(msg.model_id, msg.seq_id, msg.loss_fn, config or None, loss_id, msg.forward_only, data,
+                               spans)
 
 
 def _span(msg, where: str) -> Span:

@@ -9,6 +9,7 @@ job's future, encoded by the caller's ``encode``.
 from __future__ import annotations
 
 import uuid
+from concurrent.futures import Future
 
 from tinker import types as tt
 
@@ -16,6 +17,7 @@ from colo.errors import InvalidRequestError
 from colo.service.base_model import BaseModel
 from colo.service.checkpoint_store import CheckpointStore
 from colo.service.checkpoints import Checkpoints
+from colo.service.custom_losses import CustomLosses
 from colo.service.errors import NotFound
 from colo.service.futures import Encode, Futures
 from colo.service.models import Model, Models
@@ -31,6 +33,7 @@ class Training:
                  stability: StabilityRecords, futures: Futures) -> None:
         self._base, self._sessions, self._models = base, sessions, models
         self._checkpoints, self._stability, self._futures = checkpoints, stability, futures
+        self._custom_losses = CustomLosses()
 
     # ---- models -------------------------------------------------------------------------------------
 
@@ -59,6 +62,17 @@ class Training:
         m = self._models.get(tenant, model_id)
         return self._futures.submit(tenant, self._models.drop(m.model_id), encode)
 
+    # ---- custom losses ------------------------------------------------------------------------------
+
+    def create_custom_loss(self, tenant: str, req: tt.CreateCustomLossRequest, encode: Encode) -> dict:
+        """Check and keep the session's loss graph now (a bad one answers 400 here); the job is already done,
+        its result the loss id, since the SDK polls for it as for any request."""
+        self._sessions.touch(tenant, req.session_id)
+        loss_id = self._custom_losses.create(tenant, req, lambda: self._sessions.ids(tenant))
+        done: Future = Future()
+        done.set_result(loss_id)
+        return self._futures.submit(tenant, done, encode)
+
     # ---- training requests --------------------------------------------------------------------------
 
     def forward_backward(self, tenant: str, call: ForwardBackwardCall, encode: Encode) -> dict:
@@ -68,7 +82,10 @@ class Training:
             sources = set()
             if call.loss_fn == "stable_reinforce":
                 sources = self._stability.use_recorded_logprobs(tenant, call.data, call.spans)
-            out = getattr(trainer, verb)(model.adapter, call.data, call.loss_fn, call.loss_fn_config)
+            loss_fn = call.loss_fn
+            if call.loss_id is not None:  # looked up in the job, so an unknown one still takes its seq_id's turn
+                loss_fn = self._custom_losses.get(tenant, model.session_id, call.loss_id)
+            out = getattr(trainer, verb)(model.adapter, call.data, loss_fn, call.loss_fn_config)
             # how many optimizer steps the adapter took since it sampled these sequences (0: on-policy)
             behind = [trainer.version(model.adapter) - v for a, v in sources if a == model.adapter and v is not None]
             if behind:
@@ -105,9 +122,8 @@ class Training:
 
     def load_state(self, tenant: str, req: tt.LoadWeightsRequest, encode: Encode) -> dict:
         """Into a live model (in its order), or into a new one (``session_id``); the job's result is the model id."""
-        _, _, _, file = self._checkpoints.store.parse(tenant, req.path)
-        if not file.is_file():
-            raise NotFound(f"no checkpoint {req.path!r} for this tenant")
+        # the tenant's own checkpoint, or one another tenant published
+        file = self._checkpoints.store.locate(tenant, req.path, ("weights", "sampler_weights")).file
         optimizer = req.optimizer
         if req.session_id is not None:
             self._sessions.touch(tenant, req.session_id)
