@@ -13,9 +13,10 @@ import httpx
 import pytest
 import tinker
 from conftest import ALICE, BOB
-from test_service import client, post, tokens  # noqa: F401 (tokens is a fixture)
+from test_service import datum, overfit, post, tokens  # noqa: F401 (tokens is a fixture)
 from tinker import types
 from tinker.cli.auth_api import TinkerAuthApi
+from tinker.lib.api_future_impl import QueueState
 from tinker.lib.internal_client_holder import InternalClientHolder
 
 from colo.service.refusals import REFUSALS
@@ -222,6 +223,66 @@ def test_get_list_and_assign_project_of_sessions(service):
         r.assign_session_project(sid, "").result()
     with pytest.raises(tinker.BadRequestError, match="limit"):
         r.list_sessions(limit=0).result()
+
+
+# ---- the rest of the clients' surface that no other test file calls ----------------------------------
+
+
+def test_load_state_without_optimizer_delete_checkpoint_by_id_and_get_sampler(service, tokens):
+    sc = tinker.ServiceClient(base_url=service.url, api_key=ALICE)
+    tc = sc.create_lora_training_client(base_model=service.model_name, rank=8, train_unembed=False).result()
+    seq = tokens("weights only this time")
+    overfit(tc, seq, steps=2)
+    path = tc.save_state("weights-only").result().path
+    saved = tc.forward([datum(seq)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    overfit(tc, seq, steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated in SDK 0.38, still served
+        tc.load_state(path).result()
+    back = tc.forward([datum(seq)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    assert abs(back - saved).max() < 1e-6
+    fresh = sc.create_training_client_from_state(path).result()
+    assert fresh.model_id != tc.model_id and fresh.get_info().lora_rank == 8
+    loaded = fresh.forward([datum(seq)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    assert abs(loaded - saved).max() < 1e-6
+
+    assert tc.get_console_url().startswith("http") and tc.model_id in tc.get_console_url()  # Tinker's console
+    tc.get_telemetry()
+    r = rest(service)
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    got = r.get_sampler(sampler._sampling_session_id).result()
+    assert got.sampler_id == sampler._sampling_session_id and got.base_model == service.model_name
+    with pytest.raises(tinker.NotFoundError):
+        rest(service, BOB).get_sampler(sampler._sampling_session_id).result()
+    r.delete_checkpoint(tc.model_id, "weights/weights-only").result()
+    assert "weights/weights-only" not in [c.checkpoint_id for c in r.list_checkpoints(tc.model_id).result().checkpoints]
+
+
+def test_client_side_helpers_and_capabilities(service, tokens, monkeypatch):
+    sc, sampler = base_sampler(service)
+    # a handle carries no key (it is for another process, which has its own environment)
+    monkeypatch.setenv("TINKER_API_KEY", ALICE)
+    monkeypatch.setenv("TINKER_BASE_URL", service.url)
+    prompt = types.ModelInput.from_ints(tokens("helpers on the client"))
+    want = sampler.sample(prompt, 1, PARAMS).result().sequences[0].tokens
+    # a handle rebuilds the client elsewhere (no pickle); SamplingClient.create makes one from a holder
+    again = tinker.SamplingClient.from_sampler_handle(sampler.get_sampler_handle())
+    assert again.sample(prompt, 1, PARAMS).result().sequences[0].tokens == want
+    made = tinker.SamplingClient.create(sc.holder, base_model=service.model_name).result()
+    assert made.sample(prompt, 1, PARAMS).result().sequences[0].tokens == want
+    assert sampler.get_base_model() == service.model_name
+    assert sampler.get_tokenizer().encode("helpers on the client") == prompt.to_ints()
+    sampler.on_queue_state_change(QueueState.PAUSED_CAPACITY, "busy")  # the SDK's hook: logs, raises nothing
+    # the console and telemetry are Tinker's: the URLs point at its console, telemetry posts are dropped
+    assert sc.get_console_url().startswith("http")
+    for c in (sc, sampler, rest(service)):
+        c.get_telemetry()
+    names = [m.model_name for m in rest(service).get_server_capabilities().result().supported_models]
+    assert service.model_name in names
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # both deprecated in SDK 0.38
+        assert service.model_name in [m.model_name for m in sc.get_server_capabilities().supported_models]
+        assert sc.create_rest_client().get_session(sc.holder.get_session_id()).result().sampler_ids
 
 
 # ---- who is asking, and what is refused ---------------------------------------------------------------
