@@ -273,9 +273,9 @@ def _call(node: Node, args: tuple, kwargs: dict, limit: int) -> Any:
                                       "allowed: tensor methods on tensors")
         if node.target == "to" and not all(isinstance(a, torch.dtype) for a in (*args[1:], *kwargs.values())):
             raise InvalidRequestError("to() takes a dtype only; allowed: x.to(torch.float32) and the like")
-        if node.target in _SIZED_METHODS:
-            size = args[1] if len(args) > 1 else kwargs.get("size")
-            _check_size(size, limit)
+        if node.target in _SIZED_METHODS:  # new_full(size, value); new_zeros(size) or new_zeros(*size)
+            sizes = args[1:2] if node.target == "new_full" or len(args) == 2 else (args[1:] or (kwargs.get("size"),))
+            _check_size(sizes[0] if len(sizes) == 1 else tuple(sizes), limit)
         fn = getattr(torch.Tensor, node.target)
     elif node.target == GETATTR:
         receiver, attribute = args

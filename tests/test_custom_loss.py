@@ -5,6 +5,7 @@ colo's allow-list refused when it is created; a loss usable by its own session o
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -185,3 +186,64 @@ def test_a_loss_serves_its_own_session_only(service, tokens):
         assert tc.forward_backward(data, "cross_entropy").result().metrics["loss:sum"] > 0
         other.close("success").result()
     owner.close("success").result()
+
+
+# ---- the bounds a running loss keeps (colo.custom_loss directly: no service needed) -------------------------
+
+
+def built(fn, ranks=None):
+    from colo.custom_loss import build
+
+    handle = trace_loss(fn, ranks or {"logprobs": 1}, "local")
+    return build(handle.name, [i.model_dump() for i in handle.inputs],
+                 [n.model_dump() for n in encode_graph(handle).nodes])
+
+
+def outer(logprobs):
+    return (logprobs.unsqueeze(0) * logprobs.unsqueeze(1)).sum(), {}
+
+
+def squares(logprobs):
+    n = logprobs.shape[0]
+    for _ in range(6):
+        n = n * n
+    return logprobs.sum() * n, {}
+
+
+def power(logprobs):
+    return logprobs.sum() * logprobs.shape[0] ** 100, {}
+
+
+def allocates(logprobs):
+    return logprobs.sum() + logprobs.new_zeros(1000, 1000000).sum(), {}
+
+
+def past_the_end(logprobs):
+    return -logprobs[400], {}
+
+
+def detached(logprobs):
+    return logprobs.detach().sum(), {}
+
+
+def vector(logprobs):
+    return -logprobs, {}
+
+
+@pytest.mark.parametrize("fn, message", [
+    (outer, "makes a tensor of 90000 elements; allowed: at most 65536"),
+    (squares, "makes the Python int"),
+    (power, "to the power 100"),
+    (allocates, "makes a tensor of 1000000000 elements"),
+    (past_the_end, "fails on data[0]: IndexError"),
+    (detached, "does not depend on logprobs"),
+    (vector, "returns a loss of shape (300,)"),
+])
+def test_a_loss_that_breaks_a_bound_is_refused_before_any_gradient(fn, message):
+    from colo.errors import InvalidRequestError
+    from colo.types import Datum
+
+    loss = built(fn)
+    data = [Datum(model_input=[1] * 300, loss_fn_inputs={"target_tokens": torch.ones(300, dtype=torch.int64)})]
+    with pytest.raises(InvalidRequestError, match=re.escape(message)):
+        loss.check_data(data, vocab_size=10, max_len=1000, max_tokens=1000, backward=True)
