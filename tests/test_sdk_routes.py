@@ -139,7 +139,7 @@ def test_client_config_flags_the_sdk_reads(service):
     config = post(service, "/api/v1/client/config", json={}).json()
     parsed = types.ClientConfigResponse.model_validate(config)
     assert parsed.pjwt_auth_enabled is False  # colo checks keys itself: no /auth/token exchange
-    assert isinstance(parsed.sample_use_retrieve_futures, bool)
+    assert parsed.sample_use_retrieve_futures is True  # every SamplingClient waits on retrieve_futures
 
 
 # ---- sessions -----------------------------------------------------------------------------------------

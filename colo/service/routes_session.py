@@ -44,7 +44,7 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
         # loss graph (checked and run by colo.custom_loss) and forward_backward_custom runs it here, in one
         # forward_backward, instead of a forward, the loss in the client, and a second pass with its gradient
         return tt.ClientConfigResponse(pjwt_auth_enabled=False, use_pyqwest_transport=False,
-                                       sample_use_retrieve_futures=False, custom_loss_server_side=True,
+                                       sample_use_retrieve_futures=True, custom_loss_server_side=True,
                                        sample_join_sampling_session=False).model_dump()
 
     @r.post("/api/v1/client/dynamic_config")
