@@ -171,23 +171,18 @@ class CustomLoss:
             check_context(n, max_len, f"data[{i}].model_input")
             targets = datum.loss_fn_inputs.get("target_tokens")
             if targets is None or targets.is_floating_point() or tuple(targets.shape) != (n,):
-                raise InvalidRequestError(f"data[{i}].loss_fn_inputs['target_tokens'] is "
-                                          f"{'missing' if targets is None else f'{targets.dtype} {tuple(targets.shape)}'}"
-                                          f"; allowed: ({n},) integer token ids, one per input token")
+                got = "missing" if targets is None else f"{targets.dtype} of shape {tuple(targets.shape)}"
+                raise InvalidRequestError(f"data[{i}].loss_fn_inputs['target_tokens'] is {got}; allowed: ({n},) "
+                                          "integer token ids, one per input token")
             check_tokens(targets.tolist(), vocab_size, f"data[{i}].loss_fn_inputs['target_tokens']")
             for name, rank in self.inputs[1:]:
                 self._check_input(datum.loss_fn_inputs.get(name), name, rank, n, f"data[{i}]")
         for i, datum in enumerate(data):
             logprobs = torch.full((len(datum.model_input),), -1.0, requires_grad=True)
-            loss = self._run(logprobs, datum.loss_fn_inputs, {}, f"data[{i}]")
+            loss = self.datum_loss(logprobs, datum.loss_fn_inputs, {}, f"data[{i}]")
             if backward and not loss.requires_grad:
                 raise InvalidRequestError(f"custom loss {self.name!r} does not depend on logprobs (or detaches "
                                           "them), so it has no gradient; allowed: a loss computed from logprobs")
-
-    def datum_loss(self, logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], sums: dict[str, torch.Tensor],
-                   where: str = "a datum") -> torch.Tensor:
-        """The loss of one datum (after ``check_data``); its metrics are added into ``sums``."""
-        return self._run(logprobs, inputs, sums, where)
 
     def reduce(self, sums: Sequence[float], count: int) -> dict[str, float]:
         """The metrics of ``count`` datums from their sums, in ``metric_keys`` order: ``:mean`` divided by count."""
@@ -208,8 +203,10 @@ class CustomLoss:
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise InvalidRequestError(f"{where}.loss_fn_inputs[{name!r}] has NaN or inf; allowed: finite numbers")
 
-    def _run(self, logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], sums: dict[str, torch.Tensor],
-             where: str) -> torch.Tensor:
+    def datum_loss(self, logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], sums: dict[str, torch.Tensor],
+                   where: str = "a datum") -> torch.Tensor:
+        """The loss of one datum (after ``check_data``); its metrics are added into ``sums`` (on the loss's
+        device, so that reading them costs one transfer per request, not one per datum)."""
         args = [logprobs] + [(inputs[name].reshape(()) if rank == 0 else inputs[name]).to(logprobs.device)
                              for name, rank in self.inputs[1:]]
         limit = max(MIN_ELEMENTS, ELEMENT_FACTOR * sum(a.numel() for a in args))
@@ -236,14 +233,14 @@ class CustomLoss:
         for key, ref in self.metrics:
             value = env[ref.name]
             if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = value.detach().reshape(()).to(torch.float64)
+                value = value.detach().reshape(()).float()
             elif isinstance(value, (int, float)):
-                value = torch.tensor(float(value), dtype=torch.float64)
+                value = torch.tensor(float(value), device=logprobs.device)
             else:
                 got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
                 raise InvalidRequestError(f"custom loss {self.name!r} metric {key!r} is a {got} on {where}; "
                                           "allowed: a scalar")
-            sums[key] = sums[key] + value.to(sums[key].device) if key in sums else value
+            sums[key] = sums[key] + value if key in sums else value
         return loss
 
 

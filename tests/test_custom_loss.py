@@ -45,7 +45,8 @@ def client_side(fn, names):
 
 def rl_data(tokens) -> list[types.Datum]:
     out = []
-    for text, advantage, scale in [("the quick brown fox jumps", 1.0, 0.5), ("over the lazy dog again and again", -0.5, 2.0)]:
+    cases = [("the quick brown fox jumps", 1.0, 0.5), ("over the lazy dog again and again", -0.5, 2.0)]
+    for text, advantage, scale in cases:
         seq = tokens(text)
         n = len(seq) - 1
         rng = np.random.default_rng(n)
