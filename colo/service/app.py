@@ -1,7 +1,7 @@
 """The Tinker API over HTTP, so the official ``tinker`` SDK trains and samples on this machine.
 
 ``create_app`` puts the routes together (``routes_session``, ``routes_training``, ``routes_sampling``,
-``routes_runs``, and the OpenAI-compatible ``routes_openai``) over one ``Service``,
+``routes_runs``, ``routes_weights``, and the OpenAI-compatible ``routes_openai``) over one ``Service``,
 with the Tinker routes colo refuses (``refusals``: 403 and why) and a 404 for any other path; runs the
 housekeeping timer (silent sessions reaped, expired checkpoints deleted), and on shutdown lets the
 running job finish, answers the queued ones and releases the engine.
@@ -15,7 +15,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
-from colo.service import refusals, routes_openai, routes_runs, routes_sampling, routes_session, routes_training
+from colo.service import (refusals, routes_openai, routes_runs, routes_sampling, routes_session,
+                          routes_training, routes_weights)
 from colo.service.errors import HTTPError
 from colo.service.http import Requests, add_error_handlers
 from colo.service.server import Service
@@ -49,7 +50,7 @@ def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="colo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     add_error_handlers(app)
     rq = Requests(service.tenants, service.trainer.config.max_body_mib << 20)
-    for group in (routes_session, routes_training, routes_sampling, routes_runs, routes_openai):
+    for group in (routes_session, routes_training, routes_sampling, routes_runs, routes_weights, routes_openai):
         app.include_router(group.routes(service, rq))
     app.include_router(refusals.routes(rq))
 

@@ -2,27 +2,33 @@
 
 ``tinker://<model_id>/weights/<name>`` (weights and optimizer state, for ``load_weights``) and
 ``tinker://<model_id>/sampler_weights/<name>`` (weights only, for sampling) map to
-``<COLO_CHECKPOINT_DIR>/<tenant>/<model_id>/<kind>/<name>.safetensors``. Names are checked against a
+``<COLO_CHECKPOINT_DIR>/<tenant>/<model_id>/<kind>/<name>.safetensors``;
+``tinker://<model_id>/external_weights/<name>`` (a PEFT adapter for other programs, fetched through
+signed URLs) to the directory ``.../external_weights/<name>.external/``. Names are checked against a
 strict pattern (no '/', no leading '.'), and the file always lies under the caller's own tenant
-directory, so no path a client sends can reach outside it or into another tenant's checkpoints.
+directory, so no path a client sends can reach outside it or into another tenant's checkpoints. The
+one way in from another tenant is a checkpoint its owner published (``locate``), and only for reading.
 
-A checkpoint saved with ``ttl_seconds`` gets a sidecar ``<name>.safetensors.expires`` holding its
-expiry time (Unix seconds), so expiry survives a restart; ``expire()`` deletes what is due.
+Sidecars beside a checkpoint survive a restart: ``<file>.expires`` holds its expiry time (Unix seconds,
+from ``ttl_seconds``; ``expire()`` deletes what is due), and ``<file>.public`` marks it published.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from colo.errors import InvalidRequestError
+from colo.service.errors import NotFound
 
-KINDS = ("weights", "sampler_weights")
-SUFFIX = ".safetensors"
+SUFFIXES = {"weights": ".safetensors", "sampler_weights": ".safetensors", "external_weights": ".external"}
+KINDS = tuple(SUFFIXES)
 EXPIRES = ".expires"
+PUBLIC = ".public"
 MAX_TTL_SECONDS = 10 * 365 * 86400
 
 
@@ -35,6 +41,8 @@ class Stored:
     created: float  # Unix seconds
     size_bytes: int
     expires_at: float | None
+    public: bool
+    owner: str  # the tenant whose directory holds it
 
 
 _ID = re.compile(r"[A-Za-z0-9_:-]{1,160}")
@@ -50,9 +58,12 @@ class CheckpointStore:
     def sweep(folder: Path) -> int:
         """Remove the temporary files of saves that were killed midway (one service owns its directory, and
         its saves run one at a time: any temporary file found before a save is a leftover). Returns how many."""
-        stale = [p for p in folder.rglob(".*.tmp-*") if p.is_file()] if folder.is_dir() else []
+        stale = list(folder.rglob(".*.tmp-*")) if folder.is_dir() else []
         for p in stale:
-            p.unlink(missing_ok=True)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
         return len(stale)
 
     def model_dir(self, tenant: str, model_id: str) -> Path:
@@ -69,7 +80,7 @@ class CheckpointStore:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise InvalidRequestError(f"checkpoint name {name!r}; allowed: 1-128 letters, digits, '.', '_' or '-', "
                                       "not starting with '.'")
-        path = (folder / kind / f"{name}{SUFFIX}").resolve()
+        path = (folder / kind / f"{name}{SUFFIXES[kind]}").resolve()
         if not path.is_relative_to(self.root / tenant):  # the patterns already rule this out; belt and braces
             raise InvalidRequestError(f"checkpoint name {name!r} leaves the checkpoint directory")
         return path
@@ -85,23 +96,59 @@ class CheckpointStore:
         """The model's checkpoints, oldest first."""
         out = []
         model_dir = self.model_dir(tenant, model_id)
-        for kind in KINDS:
+        for kind, suffix in SUFFIXES.items():
             folder = model_dir / kind
-            for f in folder.glob(f"*{SUFFIX}") if folder.is_dir() else ():
-                name = f.name.removesuffix(SUFFIX)
-                if not _NAME.fullmatch(name):
-                    continue
-                try:
-                    st = f.stat()
-                except FileNotFoundError:  # deleted meanwhile
-                    continue
-                out.append(Stored(model_id, kind, name, f, st.st_mtime, st.st_size, self.expiry(f)))
+            for f in folder.glob(f"*{suffix}") if folder.is_dir() else ():
+                name = f.name.removesuffix(suffix)
+                if _NAME.fullmatch(name) and (stored := self.stored(tenant, model_id, kind, name, f)):
+                    out.append(stored)
         return sorted(out, key=lambda c: c.created)
+
+    def stored(self, tenant: str, model_id: str, kind: str, name: str, file: Path) -> Stored | None:
+        """What the service shows of one checkpoint; None if it is gone (or, for a folder, not whole)."""
+        try:
+            st = file.stat()
+            size = sum(f.stat().st_size for f in file.iterdir() if f.is_file()) if file.is_dir() else st.st_size
+        except FileNotFoundError:  # deleted meanwhile
+            return None
+        return Stored(model_id, kind, name, file, st.st_mtime, size, self.expiry(file),
+                      self.sidecar(file, PUBLIC).exists(), tenant)
+
+    def locate(self, tenant: str, tinker_path: str, kinds: tuple[str, ...] = KINDS) -> Stored:
+        """The checkpoint a ``tinker://`` path names, for reading: the tenant's own or, failing that, one
+        another tenant published. ``NotFound`` reads the same for a missing and an unpublished one."""
+        model_id, kind, name, file = self.parse(tenant, tinker_path)
+        if kind not in kinds:
+            raise InvalidRequestError(f"path {tinker_path!r} is a {kind} checkpoint; allowed here: "
+                                      f"{' or '.join(kinds)}")
+        if file.exists():
+            return self.stored(tenant, model_id, kind, name, file) or self._missing(tinker_path)
+        owners = sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
+        for owner in (o for o in owners if o != tenant):
+            other = self.root / owner / model_id / kind / file.name
+            if self.sidecar(other, PUBLIC).exists() and other.exists():
+                return self.stored(owner, model_id, kind, name, other) or self._missing(tinker_path)
+        self._missing(tinker_path)
+
+    @staticmethod
+    def _missing(tinker_path: str):
+        raise NotFound(f"no checkpoint {tinker_path!r} for this tenant (nor one published by another)")
+
+    @staticmethod
+    def sidecar(file: Path, kind: str) -> Path:
+        return file.with_name(file.name + kind)
+
+    def set_public(self, file: Path, public: bool) -> None:
+        side = self.sidecar(file, PUBLIC)
+        if public:
+            side.touch()
+        else:
+            side.unlink(missing_ok=True)
 
     @staticmethod
     def expiry(file: Path) -> float | None:
         try:
-            return float(file.with_name(file.name + EXPIRES).read_text())
+            return float(CheckpointStore.sidecar(file, EXPIRES).read_text())
         except (FileNotFoundError, ValueError):
             return None
 
@@ -115,7 +162,7 @@ class CheckpointStore:
     @staticmethod
     def set_ttl(file: Path, ttl_seconds: int | None) -> None:
         """Expire ``file`` ``ttl_seconds`` from now (None: never)."""
-        side = file.with_name(file.name + EXPIRES)
+        side = CheckpointStore.sidecar(file, EXPIRES)
         if ttl_seconds is None:
             side.unlink(missing_ok=True)
             return
@@ -125,16 +172,25 @@ class CheckpointStore:
 
     @staticmethod
     def delete(file: Path) -> None:
-        file.unlink(missing_ok=True)
-        file.with_name(file.name + EXPIRES).unlink(missing_ok=True)
+        if file.is_dir():
+            # renamed out of sight first, so a reader never meets half a folder
+            gone = file.with_name(f".{file.name}.tmp-deleted")
+            os.replace(file, gone)
+            shutil.rmtree(gone, ignore_errors=True)
+        else:
+            file.unlink(missing_ok=True)
+        for side in (EXPIRES, PUBLIC):
+            CheckpointStore.sidecar(file, side).unlink(missing_ok=True)
 
     def expire(self, folder: Path | None = None, now: float | None = None) -> list[Path]:
         """Delete every checkpoint under ``folder`` (default: all) whose time is up; the deleted files."""
         now = time.time() if now is None else now
         folder = self.root if folder is None else folder
         gone = []
-        for side in folder.rglob(f"*{SUFFIX}{EXPIRES}") if folder.is_dir() else ():
+        for side in folder.rglob(f"*{EXPIRES}") if folder.is_dir() else ():
             file = side.with_name(side.name.removesuffix(EXPIRES))
+            if not file.name.endswith(tuple(SUFFIXES.values())):
+                continue
             when = self.expiry(file)
             if when is not None and when <= now:
                 self.delete(file)
@@ -144,10 +200,10 @@ class CheckpointStore:
     def parse(self, tenant: str, tinker_path: str) -> tuple[str, str, str, Path]:
         """``tinker://model/kind/name`` -> (model_id, kind, name, file of this tenant)."""
         if not isinstance(tinker_path, str) or not tinker_path.startswith("tinker://"):
-            raise InvalidRequestError(f"path {tinker_path!r}; allowed: tinker://<model_id>/<weights|sampler_weights>/<name>")
+            raise InvalidRequestError(f"path {tinker_path!r}; allowed: tinker://<model_id>/<{'|'.join(KINDS)}>/<name>")
         parts = tinker_path.removeprefix("tinker://").split("/")
         if len(parts) != 3:
-            raise InvalidRequestError(f"path {tinker_path!r}; allowed: tinker://<model_id>/<weights|sampler_weights>/<name>")
+            raise InvalidRequestError(f"path {tinker_path!r}; allowed: tinker://<model_id>/<{'|'.join(KINDS)}>/<name>")
         model_id, kind, name = parts
         return model_id, kind, name, self.file(tenant, model_id, kind, name)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import Callable
 
 from colo.errors import InvalidRequestError
 from colo.service.checkpoint_store import CheckpointStore
@@ -38,13 +39,17 @@ class Checkpoints:
     # ---- on the worker ------------------------------------------------------------------------------
 
     def save(self, trainer: Trainer, adapter: str, file: Path, ttl: int | None, optimizer: bool) -> None:
+        self.write(trainer, file, ttl, lambda: trainer.save_state(adapter, file, optimizer=optimizer))
+
+    def write(self, trainer: Trainer, target: Path, ttl: int | None, write: Callable[[], object]) -> None:
+        """Write a checkpoint (file or folder) with ``write()``, then give it ``ttl`` seconds."""
         # the saved model's folder only is tidied first (a save is on the training hot path; the
         # housekeeping timer covers every folder): killed saves' leftovers go, and what expired
-        folder = file.parent.parent
+        folder = target.parent.parent
         self.store.sweep(folder)
         self._expire(trainer, folder)
-        trainer.save_state(adapter, file, optimizer=optimizer)
-        self.store.set_ttl(file, ttl)
+        write()
+        self.store.set_ttl(target, ttl)
 
     def save_for_sampler(self, trainer: Trainer, model_id: str, adapter: str, file: Path, ttl: int | None) -> int:
         """Save the adapter's weights; the version saved."""

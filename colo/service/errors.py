@@ -15,6 +15,10 @@ class NotFound(ColoError):
     """An id this tenant does not have."""
 
 
+class Forbidden(ColoError):
+    """A signed URL that is not valid: changed, or past its expiry."""
+
+
 class Gone(ColoError):
     """A session its client finished."""
 
@@ -32,7 +36,7 @@ class HTTPError(Exception):
 
 
 # first match wins: the subclasses before ColoError; EngineError (ShuttingDown included) is the server's 503
-_STATUS = ((NotFound, 404), (Gone, 410), (EngineError, 503), (ColoError, 400))
+_STATUS = ((NotFound, 404), (Forbidden, 403), (Gone, 410), (EngineError, 503), (ColoError, 400))
 
 
 def status_of(e: BaseException) -> int | None:

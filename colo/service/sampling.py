@@ -163,10 +163,8 @@ class Sampling:
             self._samplers[sampler.sampler_id] = sampler
 
     def _saved(self, tenant: str, sampler_id: str, tinker_path: str) -> Sampler:
-        """A sampling session of the version saved at ``tinker_path``."""
-        _, _, _, file = self._checkpoints.store.parse(tenant, tinker_path)
-        if not file.is_file():
-            raise NotFound(f"no checkpoint {tinker_path!r} for this tenant")
+        """A sampling session of the version saved at ``tinker_path`` (the tenant's own, or one published)."""
+        file = self._checkpoints.store.locate(tenant, tinker_path, ("weights", "sampler_weights")).file
         saved_model, version = self._checkpoints.saved_version(file)
         return Sampler(tenant, sampler_id, tinker_path, saved_model, version, file)
 

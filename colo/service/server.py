@@ -4,6 +4,7 @@
 - ``models``: each training model's adapter, request order and de-duplication;
 - ``training``: the training clients' requests; ``sampling``: sampling sessions and sample requests;
 - ``runs``: the REST side's training runs and checkpoints; ``checkpoints``: every checkpoint write;
+- ``external``: exports for other programs and the signed URLs they are fetched by;
 - ``worker``: the thread that owns the Trainer; ``futures``: the jobs' results the clients poll.
 
 A route parses its request, makes one call on one of them, and encodes the answer.
@@ -14,6 +15,7 @@ from __future__ import annotations
 from colo.service.base_model import BaseModel
 from colo.service.checkpoint_store import CheckpointStore
 from colo.service.checkpoints import Checkpoints
+from colo.service.external_weights import ExternalWeights
 from colo.service.futures import Futures
 from colo.service.models import Models
 from colo.service.runs import Runs
@@ -42,6 +44,7 @@ class Service:
         self.sampling = Sampling(self.base, self.sessions, self.models, self.checkpoints, self.worker, self.futures,
                                  stability)
         self.runs = Runs(self.base, self.models, self.checkpoints, self.worker)
+        self.external = ExternalWeights(self.models, self.checkpoints)
         self.stopping = False
         self.stopped = False  # cleanly: torchrun_entry's exit status says so
 
