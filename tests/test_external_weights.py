@@ -198,6 +198,9 @@ def test_weights_info_and_copy_weights(service, run):
     r.delete_checkpoint_from_tinker_path(state).result()
     tc = client(service, ALICE).create_training_client_from_state_with_optimizer(copy).result()
     assert tc.get_info().lora_rank == 8
+    # ServiceClient.copy_weights copies into its own project (colo keeps no projects: a run of the tenant)
+    again = tinker.ServiceClient(base_url=service.url, api_key=ALICE, project_id="archive").copy_weights(copy).result()
+    assert again.startswith("tinker://copy-") and again != copy
     with pytest.raises(tinker.NotFoundError):
         rest(service, BOB).copy_weights(copy, "mine").result()
     with pytest.raises(tinker.BadRequestError, match="weights_access_token"):

@@ -1,7 +1,7 @@
 """Every public method of tinker's ServiceClient, TrainingClient, SamplingClient and RestClient is either
 exercised by a named test with the real SDK (``TESTED``), refused by colo with a 4xx that says why
-(``REFUSED``, checked against the service), or being built (``PENDING``, xfailed until its tests land).
-A method in none of them fails this file: a new SDK version is caught here.
+(``REFUSED``, checked against the service). A method in neither fails this file: a new SDK version is
+caught here.
 
 An ``_async`` method counts as its sync twin (the twin calls it, or it the twin).
 """
@@ -91,26 +91,13 @@ TESTED: dict[str, list[str]] = {
     "RestClient.search_sessions": [f"{ROUTES}::test_search_sessions_filters_pages_and_shows_how_a_session_ended"],
     # makes no request: it reads the JWT colo never issues, and says so (RuntimeError)
     "RestClient.whoami": [f"{ROUTES}::test_whoami_says_it_needs_jwt_auth_which_colo_does_not_use"],
-}
-
-# method -> (the refused route in colo/service/refusals.py, a call of the method)
-REFUSED: dict[str, tuple[str, object]] = {
-    "RestClient.get_billing_usage": (
-        "/api/v1/billing/usage/events", lambda r: r.get_billing_usage("2025-01-01T00:00:00Z", "2025-01-02T00:00:00Z")),
-    "RestClient.get_current_checkpoint_storage_usage": (
-        "/api/v1/billing/usage/checkpoints/current", lambda r: r.get_current_checkpoint_storage_usage()),
-    "RestClient.get_audit_log": ("/api/v1/audit", lambda r: r.get_audit_log()),
-    "RestClient.export_session_trace": (
-        "/api/v1/sessions/{session_id}/trace_export", lambda r: r.export_session_trace("any-session")),
-}
-
-# ===== PENDING: routes other engineers are building now; move each to TESTED with its tests =====
-PENDING: dict[str, list[str]] = {
+    # weights out, publishing, copies, custom losses
     "ServiceClient.copy_weights": ["tests/test_external_weights.py::test_weights_info_and_copy_weights"],
     "RestClient.copy_weights": ["tests/test_external_weights.py::test_weights_info_and_copy_weights"],
     "RestClient.get_weights_info_by_tinker_path": ["tests/test_external_weights.py::test_weights_info_and_copy_weights"],
     "TrainingClient.save_weights_external": [
-        "tests/test_external_weights.py::test_an_export_is_a_peft_adapter_fetched_through_signed_urls"],
+        "tests/test_external_weights.py::test_an_export_is_a_peft_adapter_fetched_through_signed_urls",
+        "tests/test_cookbook_weights.py::test_both_paths_download_the_trained_adapter"],
     "RestClient.get_external_weights_urls": [
         "tests/test_external_weights.py::test_an_export_is_a_peft_adapter_fetched_through_signed_urls"],
     "RestClient.publish_checkpoint_from_tinker_path": [
@@ -126,6 +113,16 @@ PENDING: dict[str, list[str]] = {
         f"{SVC}::test_forward_backward_custom_runs_in_the_client_and_trains_as_the_same_loss_on_the_server"],
 }
 
+# method -> (the refused route in colo/service/refusals.py, a call of the method)
+REFUSED: dict[str, tuple[str, object]] = {
+    "RestClient.get_billing_usage": (
+        "/api/v1/billing/usage/events", lambda r: r.get_billing_usage("2025-01-01T00:00:00Z", "2025-01-02T00:00:00Z")),
+    "RestClient.get_current_checkpoint_storage_usage": (
+        "/api/v1/billing/usage/checkpoints/current", lambda r: r.get_current_checkpoint_storage_usage()),
+    "RestClient.get_audit_log": ("/api/v1/audit", lambda r: r.get_audit_log()),
+    "RestClient.export_session_trace": (
+        "/api/v1/sessions/{session_id}/trace_export", lambda r: r.export_session_trace("any-session")),
+}
 
 def sdk_methods() -> set[str]:
     """``Class.method`` for every public method, an ``_async`` one named by its sync twin."""
@@ -143,11 +140,11 @@ def test_the_sdk_is_the_version_this_table_was_made_for():
         f"tinker {tinker.__version__}: this table lists SDK {SDK_VERSION}'s methods; check the new ones")
 
 
-def test_every_public_sdk_method_is_tested_refused_or_pending():
+def test_every_public_sdk_method_is_tested_or_refused():
     methods = sdk_methods()
-    tables = {"TESTED": TESTED, "REFUSED": REFUSED, "PENDING": PENDING}
+    tables = {"TESTED": TESTED, "REFUSED": REFUSED}
     missing = sorted(m for m in methods if not any(m in t for t in tables.values()))
-    assert not missing, f"SDK methods no test exercises, colo does not refuse, and nobody is building: {missing}"
+    assert not missing, f"SDK methods no test exercises and colo does not refuse: {missing}"
     stale = sorted(f"{name}: {m}" for name, t in tables.items() for m in t if m not in methods)
     assert not stale, f"entries for methods the SDK no longer has: {stale}"
     twice = sorted(m for m in methods if sum(m in t for t in tables.values()) > 1)
@@ -169,12 +166,6 @@ def test_each_tested_method_names_tests_that_exist_and_call_it(method):
         # the method's name appears in the test's own source (or a helper it calls in the same file)
         source = (TESTS.parent / path).read_text()
         assert f".{name}(" in source, f"{method}: {path} never calls .{name}("
-
-
-@pytest.mark.parametrize("method", sorted(PENDING))
-def test_pending_methods(method):
-    refs = ", ".join(PENDING[method])
-    pytest.xfail(f"PENDING: {method} is being built by another engineer; once {refs} pass, move it to TESTED")
 
 
 @pytest.mark.parametrize("method", sorted(REFUSED))

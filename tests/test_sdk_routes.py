@@ -330,3 +330,21 @@ def test_every_refusal_answers_403_with_what_and_why_and_unknown_paths_404(servi
     r = post(service, "/api/v1/no_such_thing", json={})
     assert r.status_code == 404 and "not a route of the Tinker API" in r.json()["detail"]
     assert "/api/v1/audit" not in r.json()["detail"]  # the served list names no refused route
+
+
+def test_server_capabilities_list_what_the_service_takes(service):
+    import typing
+
+    caps = httpx.get(service.url + "/api/v1/get_server_capabilities", headers={"X-API-Key": ALICE}, timeout=30).json()
+    assert [m["model_name"] for m in caps["supported_models"]] == [service.model_name]
+    # every loss the SDK names (its LossFnType), and nothing else
+    assert caps["losses"] == sorted(typing.get_args(types.LossFnType))
+    assert caps["lora"]["max_rank"] == 16 and caps["lora"]["train_unembed"] is True
+    assert caps["checkpoints"]["kinds"] == ["weights", "sampler_weights", "external_weights"]
+    for route in ("POST /api/v1/save_weights_external", "POST /api/v1/create_custom_loss",
+                  "POST /api/v1/retrieve_futures", "POST /api/v1/sessions/search"):
+        assert route in caps["routes"]
+    assert any(r.startswith("GET /api/v1/billing/usage/events: billing usage") for r in caps["refused"])
+    # the SDK reads it as its own type; the rest rides along
+    typed = tinker.ServiceClient(base_url=service.url, api_key=ALICE).get_server_capabilities()
+    assert typed.supported_models[0].max_context_length == caps["supported_models"][0]["max_context_length"]

@@ -57,6 +57,8 @@ def create_app(service: Service) -> FastAPI:
     refused = {(x.method, x.path) for x in refusals.REFUSALS}
     served = sorted({f"{m} {r.path}" for r in app.routes for m in getattr(r, "methods", ())
                      if m != "HEAD" and (m, r.path) not in refused})
+    service.routes = served
+    service.refused = [f"{x.method} {x.path}: {x.what} ({x.why})" for x in refusals.REFUSALS]
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     async def not_served(path: str, request: Request):

@@ -61,7 +61,7 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
     @r.get("/api/v1/get_server_capabilities")
     async def capabilities(request: Request):
         rq.tenant_of(request)
-        return svc.base.capabilities()
+        return svc.capabilities()
 
     # ---- sessions -------------------------------------------------------------------------------------
 

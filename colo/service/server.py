@@ -13,7 +13,8 @@ A route parses its request, makes one call on one of them, and encodes the answe
 from __future__ import annotations
 
 from colo.service.base_model import BaseModel
-from colo.service.checkpoint_store import CheckpointStore
+from colo.losses import LOSSES
+from colo.service.checkpoint_store import KINDS, MAX_TTL_SECONDS, CheckpointStore
 from colo.service.checkpoints import Checkpoints
 from colo.service.external_weights import ExternalWeights
 from colo.service.futures import Futures
@@ -21,6 +22,7 @@ from colo.service.models import Models
 from colo.service.runs import Runs
 from colo.service.sampling import Sampling
 from colo.service.sessions import Sessions
+from colo.service.signed_urls import URL_SECONDS
 from colo.service.stability import StabilityRecords
 from colo.service.tenants import Tenants
 from colo.service.training import Training
@@ -47,6 +49,23 @@ class Service:
         self.external = ExternalWeights(self.models, self.checkpoints)
         self.stopping = False
         self.stopped = False  # cleanly: torchrun_entry's exit status says so
+        self.routes: list[str] = []  # "METHOD /path" of every route served, set by ``create_app``
+        self.refused: list[str] = []  # "METHOD /path: what (why)" of the SDK's routes that colo refuses
+
+    def capabilities(self) -> dict:
+        """``get_server_capabilities``: the SDK reads ``supported_models``; the rest says exactly what else this
+        service takes (losses, LoRA limits, the sampler's abilities, routes served and refused)."""
+        config, caps = self.trainer.config, self.trainer.engine.capabilities
+        return {**self.base.capabilities(),
+                "losses": sorted([*LOSSES, "custom"]),
+                "lora": {"max_rank": config.max_lora_rank, "train_attn": True, "train_mlp": True,
+                         "train_unembed": caps.unembed_lora, "max_models_per_tenant": config.max_models_per_tenant},
+                "optimizers": ["adamw"],
+                "sampler": {"engine": self.trainer.engine.name, "prompt_logprobs": True,
+                            "several_adapters_per_batch": caps.multi_adapter_batch, "sleep": caps.sleep},
+                "checkpoints": {"kinds": list(KINDS), "age_encryption": True, "signed_url_seconds": URL_SECONDS,
+                                "max_ttl_seconds": MAX_TTL_SECONDS},
+                "routes": self.routes, "refused": self.refused}
 
     def housekeeping(self) -> None:
         """From the app's timer: silent sessions lose their models; expired checkpoints go (on the worker)."""
