@@ -28,6 +28,8 @@ from colo.service.errors import NotFound
 from colo.service.models import Models
 from colo.service.worker import Worker
 
+COPIES_REMEMBERED = 1024  # copy_weights' idempotency keys kept (the SDK retries within seconds)
+
 
 class Runs:
     def __init__(self, base: BaseModel, models: Models, checkpoints: Checkpoints, worker: Worker) -> None:
@@ -151,7 +153,6 @@ def link_copy(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-COPIES_REMEMBERED = 1024
 TYPES = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 
 

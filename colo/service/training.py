@@ -18,7 +18,6 @@ from colo.service.base_model import BaseModel
 from colo.service.checkpoint_store import CheckpointStore
 from colo.service.checkpoints import Checkpoints
 from colo.service.custom_losses import CustomLosses
-from colo.service.errors import NotFound
 from colo.service.futures import Encode, Futures
 from colo.service.models import Model, Models
 from colo.service.sessions import Sessions
