@@ -40,10 +40,10 @@ def routes(svc: Service, rq: Requests) -> APIRouter:
     async def client_config(request: Request):
         rq.tenant_of(request)
         # sample_use_retrieve_futures: each sampling client long-polls its completion queue
-        # (/api/v1/retrieve_futures) instead of one poll per sample. custom_loss_server_side: create_custom_loss
-        # uploads the traced
-        # loss graph (checked and run by colo.custom_loss) and forward_backward_custom runs it here, in one
-        # forward_backward, instead of a forward, the loss in the client, and a second pass with its gradient
+        # (/api/v1/retrieve_futures) instead of one poll per sample. custom_loss_server_side:
+        # create_custom_loss uploads the traced loss graph (checked and run by colo.custom_loss) and
+        # forward_backward_custom runs it here, in one forward_backward, instead of a forward, the loss in
+        # the client, and a second pass with its gradient
         return tt.ClientConfigResponse(pjwt_auth_enabled=False, use_pyqwest_transport=False,
                                        sample_use_retrieve_futures=True, custom_loss_server_side=True,
                                        sample_join_sampling_session=False).model_dump()
