@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,7 +175,7 @@ class CheckpointStore:
     def delete(file: Path) -> None:
         if file.is_dir():
             # renamed out of sight first, so a reader never meets half a folder
-            gone = file.with_name(f".{file.name}.tmp-deleted")
+            gone = file.with_name(f".{file.name}.tmp-deleted-{uuid.uuid4().hex}")
             os.replace(file, gone)
             shutil.rmtree(gone, ignore_errors=True)
         else:
