@@ -84,6 +84,12 @@ class Config(BaseSettings):
         "`kl_sample_train_v2` colo logs a warning naming the adapter and the likely causes (a stale sampler, "
         "off-policy data, another dtype or quantization). bf16 rounding alone (the vllm engine beside the "
         "trainer, the default model on CPU) reached 0.013 in one of `make demo`'s steps. 0: never warn."))
+    shard_base: bool = Field(False, description=(
+        "Under torchrun with several ranks: shard the frozen base model's weights across the ranks (FSDP2), each "
+        "decoder layer gathered just before it runs and freed after, so a base larger than one device fits "
+        "(a rank holds about 1/N of it plus one layer). LoRA weights stay whole on every rank; training stays "
+        "data parallel with the same results. Sampling needs the vllm engine (tensor parallel over the same "
+        "ranks): the pytorch engine samples from the training model, which no rank holds whole."))
     gradient_checkpointing: bool = Field(True, description=(
         "Recompute each decoder layer's activations in backward instead of keeping them (the default model, "
         "3,520 tokens: +0.8 GiB instead of +4.5 GiB), for about a third more training compute on a GPU (on the "

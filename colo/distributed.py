@@ -18,6 +18,7 @@ import datetime
 import heapq
 import logging
 import os
+from functools import partial
 from typing import Any, TypeVar
 
 import torch
@@ -97,6 +98,14 @@ class Ranks:
         t = torch.tensor(values, dtype=torch.float64, device=self._device())
         self._collective("summing the loss and token counts", dist.all_reduce, t)
         return t.tolist()
+
+    def most(self, value: int) -> int:
+        """The largest of the ranks' ``value``."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self._device())
+        self._collective("agreeing on the number of micro-batches", partial(dist.all_reduce, op=dist.ReduceOp.MAX), t)
+        return int(t.item())
 
     def gather(self, mine: dict[int, T], count: int) -> list[T]:
         """Every rank's ``{index: item}`` put together: ``count`` items in index order, on every rank.

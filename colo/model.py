@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from colo.errors import ConfigError
-from colo import packed_attention
+from colo import packed_attention, sharding
 from colo.packing import pack, plan
 from colo.types import LoraConfig
 
@@ -82,7 +82,25 @@ class PolicyModel:
                                        for name, p in base.named_parameters())
         self.logit_chunk_rows = max(1, LOGIT_CHUNK_VALUES // self.vocab_size)
         self.logit_softcap: float | None = getattr(base.config, "final_logit_softcapping", None)
+        self.sharded = False
         self._check_scoring_path()
+
+    def shard(self, world: int) -> None:
+        """Shard the frozen base across ``world`` ranks (``colo.sharding``); before any adapter is added."""
+        assert self._peft is None, "the base is sharded before adapters are added"
+        sharding.shard_base(self._base, self.device, world)
+        self.sharded = True
+
+    def base_bytes(self) -> int:
+        """Bytes of base-model parameters this rank holds (its shards, when sharded)."""
+        return sharding.local_bytes(self._base)
+
+    def empty_pass(self, model: torch.nn.Module, backward: bool) -> None:
+        """A one-token forward (and backward) that contributes nothing: under a sharded base, a rank with fewer
+        micro-batches than another runs these, so every rank gathers each layer as often as the others."""
+        lp = self.token_logprobs(model, [[self.pad_token_id]], [[self.pad_token_id]])[0]
+        if backward:
+            (lp.sum() * 0.0).backward()
 
     # ---- adapters -------------------------------------------------------------------------------
 

@@ -60,6 +60,11 @@ class Trainer:
         self.model_path = resolve_model(config.model, config.model_cache_dir)
         self.policy = PolicyModel(self.model_path, device, resolve_dtype(config.dtype, device),
                                   config.microbatch_tokens, config.gradient_checkpointing, config.share_prefixes)
+        if config.shard_base:
+            if self.ranks.world > 1:
+                self.policy.shard(self.ranks.world)
+            else:
+                log.info("colo: COLO_SHARD_BASE with one rank: the base stays whole (it shards across torchrun's ranks)")
         self.max_len = min(config.max_model_len, self.policy.max_positions)
         self.adapters: dict[str, Adapter] = {}
         self._ids = itertools.count(1)
@@ -325,6 +330,10 @@ class Trainer:
             raise ConfigError(f"COLO_ENGINE={config.engine!r} under torchrun with WORLD_SIZE={self.ranks.world}: the "
                               f"{cls.name} engine runs in one process only; allowed with several ranks: "
                               f"{', '.join(engines_for_ranks())}")
+        if caps.shares_trainer_weights and self.policy.sharded:
+            raise ConfigError(f"COLO_ENGINE={config.engine!r} with COLO_SHARD_BASE=true: the {cls.name} engine samples "
+                              f"from the training model, whose base no rank holds whole; allowed with a sharded base: "
+                              "vllm (tensor parallel over the same ranks)")
         context = EngineContext(cls.settings_class.of(config), self.model_path, self.policy.dtype, self.policy.device,
                                 self.policy.tokenizer, self.max_len, self.ranks.world, launched_by_torchrun())
         engine = cls(context, self.policy) if caps.shares_trainer_weights else cls(context)
@@ -450,7 +459,11 @@ class Trainer:
                                              for unit in units]) for i in units[u]]
         # the loss is a sum over data, so each micro-batch's backward adds its share of the gradient
         with self.policy.active(adapter, train=backward) as model:
-            for indices in self.policy.micro_batches([sequences[i] for i in mine]):
+            batches = self.policy.micro_batches([sequences[i] for i in mine])
+            if self.policy.sharded:  # each pass gathers every layer, with every rank: all run as many
+                for _ in range(self.ranks.most(len(batches)) - len(batches)):
+                    self.policy.empty_pass(model, backward)
+            for indices in batches:
                 group = [mine[j] for j in indices]
                 batch = [data[i] for i in group]
                 computed += packing.computed_tokens([d.model_input for d in batch], share)

@@ -181,6 +181,7 @@ class VLLMEngine(InferenceEngine):
         check_dtype(context.dtype, on_gpu)
         hf_config = _hf_config(context.model_path)
         check_moe_on_cpu(hf_config, on_gpu)
+        check_heads_split(hf_config, config.tensor_parallel_size)
         free_before = None
         if on_gpu:
             vllm_memory.check_allocator_empty(vllm_memory.sleep_allocator())
@@ -517,6 +518,19 @@ def _hf_config(model_path: str) -> dict:
     import json
 
     return json.loads((Path(model_path) / "config.json").read_text())
+
+
+def check_heads_split(hf_config: dict, tensor_parallel_size: int) -> None:
+    """vLLM splits attention heads over its tensor-parallel ranks: their number must divide by the rank count
+    (its own check is a pydantic error deep in its config). Said here with what to do instead."""
+    heads = int(hf_config.get("num_attention_heads") or 0)
+    if tensor_parallel_size > 1 and heads % tensor_parallel_size:
+        architecture = next(iter(hf_config.get("architectures") or []), "this model")
+        allowed = [n for n in range(1, heads + 1) if heads % n == 0]
+        raise ConfigError(f"COLO_TENSOR_PARALLEL_SIZE={tensor_parallel_size}: {architecture} has {heads} attention "
+                          f"heads, which vLLM cannot split over {tensor_parallel_size} ranks; allowed: torchrun "
+                          f"--nproc_per_node in {allowed}, or the pytorch engine (each rank samples from its own "
+                          "whole copy of the model; not with COLO_SHARD_BASE)")
 
 
 def check_moe_on_cpu(hf_config: dict, on_gpu: bool) -> None:

@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).parent / "scripts" / "data_parallel.py"
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
-def _run(model_dir, out: Path, ranks: int | None, *extra: str) -> subprocess.CompletedProcess:
+def _run(model_dir, out: Path, ranks: int | None, *extra: str, script: str = "data_parallel.py") -> subprocess.CompletedProcess:
     out.mkdir()
     launcher = [sys.executable] if ranks is None else [sys.executable, "-m", "torch.distributed.run",
                                                        f"--nproc_per_node={ranks}", "--standalone"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                            "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
-    return subprocess.run([*launcher, str(SCRIPT), str(model_dir), str(out), *extra], capture_output=True, text=True,
+    return subprocess.run([*launcher, str(SCRIPTS / script), str(model_dir), str(out), *extra], capture_output=True, text=True,
                           timeout=600, env=env)
 
 

@@ -112,3 +112,13 @@ def test_a_knob_set_both_as_a_setting_and_in_engine_args_is_refused():
         check_settings(Config(vllm_max_num_seqs=4, vllm_engine_args={"max_num_seqs": 8}), under_torchrun=False,
                        world_size=1)
     check_settings(Config(vllm_engine_args={"max_num_seqs": 8}), under_torchrun=False, world_size=1)
+
+
+def test_heads_that_do_not_divide_over_the_ranks_are_refused_before_vllm_starts():
+    from engines.vllm_engine import check_heads_split
+
+    smollm2 = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 9}
+    check_heads_split(smollm2, 3)
+    with pytest.raises(ConfigError, match=r"LlamaForCausalLM has 9 attention heads, which vLLM cannot split over 2 "
+                                          r"ranks; allowed: torchrun --nproc_per_node in \[1, 3, 9\]"):
+        check_heads_split(smollm2, 2)
