@@ -66,6 +66,17 @@ def test_the_checkpoint_is_written_once_and_loads_on_one_rank_and_on_two(runs):
         assert torch.equal(v, w0["weights"]["cross_entropy"][k]), k
 
 
+def test_the_peft_export_is_written_once_with_the_trained_weights(runs):
+    from safetensors.torch import load_file
+
+    (r0, w0), (r1, _) = runs["two"]
+    assert r0["exported"] == r1["exported"]
+    files = load_file(f"{r0['exported']}/adapter_model.safetensors")
+    trained = w0["weights"]["cross_entropy"]
+    assert files.keys() == trained.keys()
+    assert all(torch.equal(files[k], trained[k]) for k in trained)
+
+
 def test_the_pytorch_engine_is_refused_with_a_sharded_base(tiny_model_dir, tmp_path):
     proc = _run(tiny_model_dir, tmp_path / "refused", 2, "--engine", "pytorch", script="sharded.py")
     assert proc.returncode != 0

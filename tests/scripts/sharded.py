@@ -5,8 +5,9 @@ reference, the base whole) or ``torchrun --nproc_per_node=2``.
 
 Every rank makes the same calls: for each loss, a fresh adapter (output-layer LoRA included) trained 3 steps on
 data that spans several micro-batches (ranks end up with different counts); then a sample through the vllm
-engine, tensor parallel over the ranks, checked against the trainer's own logprobs; then a checkpoint saved
-(once, by rank 0) and loaded again, and, with --load, one another run saved. Each rank writes OUT_DIR/rank-R.json
+engine, tensor parallel over the ranks, checked against the trainer's own logprobs; then the adapter exported
+as PEFT files and a checkpoint saved (each once, by rank 0), the checkpoint loaded again, and, with --load,
+one another run saved. Each rank writes OUT_DIR/rank-R.json
 (the bytes of base parameters it holds) and OUT_DIR/rank-R.pt (every adapter's weights).
 """
 
@@ -54,6 +55,7 @@ gap = max(abs(a - b) for job, r in zip(jobs, results) for seq in r.sequences
           for a, b in zip(trainer.compute_logprobs(kept, list(job.prompt) + seq.tokens)[len(job.prompt):],
                           seq.logprobs))
 
+exported = trainer.export_adapter(kept, out / "peft")
 saved = trainer.save_state(kept, out / "checkpoint.safetensors")
 reloaded = trainer.load_state(saved)
 roundtrip = all(torch.equal(p, weights["cross_entropy"][k]) for k, p in trainer.adapters[reloaded].params.items())
@@ -63,6 +65,6 @@ if "--load" in sys.argv:
     loaded = {k: p.detach().clone() for k, p in trainer.adapters[other].params.items()}
 (out / f"rank-{rank}.json").write_text(json.dumps({
     "world": world, "sharded": trainer.policy.sharded, "base_bytes": held, "losses": losses, "gap": gap,
-    "saved": saved, "roundtrip": roundtrip}))
+    "saved": saved, "roundtrip": roundtrip, "exported": exported}))
 torch.save({"weights": weights, "loaded": loaded}, out / f"rank-{rank}.pt")
 trainer.close()
