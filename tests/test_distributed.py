@@ -117,8 +117,10 @@ def test_a_hung_rank_ends_the_job_after_the_collective_timeout(tiny_model_dir, t
     assert "COLO_COLLECTIVE_TIMEOUT_SECONDS=5 s" in proc.stderr
 
 
-def test_the_service_under_two_ranks_overfits_and_recites_through_the_sdk(tiny_model_dir, tmp_path):
-    """Rank 0 serves; rank 1 follows every Trainer call (colo/service/lockstep.py)."""
+def serve_overfit_and_recite(tiny_model_dir, tmp_path, env: dict[str, str]) -> str:
+    """The service on 2 ranks (rank 0 serves; rank 1 follows every Trainer call, colo/service/lockstep.py),
+    with ``env`` on top of the test's settings: the SDK (its defaults: train_unembed=True) overfits a sentence,
+    saves for sampling and recites it. The service's log."""
     import tinker
     from service_process import ServiceProcess
     from test_service import datum, greedy, overfit
@@ -126,12 +128,12 @@ def test_the_service_under_two_ranks_overfits_and_recites_through_the_sdk(tiny_m
 
     proc = ServiceProcess({"COLO_MODEL": str(tiny_model_dir), "COLO_DTYPE": "float32", "COLO_DEVICE": "cpu",
                            "COLO_MAX_LORA_RANK": "16", "COLO_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
-                           "OMP_NUM_THREADS": "1"}, tmp_path / "service.log", ranks=2)
+                           "OMP_NUM_THREADS": "1", **env}, tmp_path / "service.log", ranks=2)
     try:
         proc.wait_ready()
         seq = AutoTokenizer.from_pretrained(str(tiny_model_dir)).encode("the quick brown fox jumps over the lazy dog")
         tc = tinker.ServiceClient(base_url=proc.url, api_key="tml-open").create_lora_training_client(
-            base_model=str(tiny_model_dir), rank=8).result()  # the SDK's defaults: train_unembed=True
+            base_model=str(tiny_model_dir), rank=8).result()
         first = tc.forward([datum(seq)], "cross_entropy").result().metrics["loss:sum"]
         last = overfit(tc, seq, steps=60)  # the output-layer LoRA needs more steps than test_service's 40
         assert last < 0.7 * first, (first, last)
@@ -141,4 +143,10 @@ def test_the_service_under_two_ranks_overfits_and_recites_through_the_sdk(tiny_m
         proc.stop()
     log = proc.tail(400)
     assert "rank 0 of 2" in log and "rank 1 of 2" in log, log
-    assert "engine pytorch" in log and "colo: stopped cleanly" in log, log
+    assert "colo: stopped cleanly" in log, log
+    return log
+
+
+def test_the_service_under_two_ranks_overfits_and_recites_through_the_sdk(tiny_model_dir, tmp_path):
+    log = serve_overfit_and_recite(tiny_model_dir, tmp_path, {})
+    assert "engine pytorch" in log, log

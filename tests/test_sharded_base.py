@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from test_distributed import _run
+from test_distributed import _run, serve_overfit_and_recite
 
 from colo.losses import LOSSES
 
@@ -85,30 +85,13 @@ def test_the_pytorch_engine_is_refused_with_a_sharded_base(tiny_model_dir, tmp_p
 
 
 def test_the_service_serves_the_sdk_on_a_sharded_base(tiny_model_dir, tmp_path):
-    """torchrun --nproc_per_node=2 torchrun_entry.py with COLO_SHARD_BASE=true: rank 0 serves, rank 1 follows;
-    the vllm engine tensor parallel over both; the SDK trains (its defaults: train_unembed=True) and recites."""
-    import tinker
-    from service_process import ServiceProcess, free_port
-    from test_service import greedy, overfit
-    from transformers import AutoTokenizer
+    """torchrun --nproc_per_node=2 torchrun_entry.py with COLO_SHARD_BASE=true and the vllm engine tensor parallel
+    over both ranks: the SDK trains and recites."""
+    from service_process import free_port
 
-    proc = ServiceProcess({"COLO_MODEL": str(tiny_model_dir), "COLO_DTYPE": "float32", "COLO_DEVICE": "cpu",
-                           "COLO_ENGINE": "vllm", "COLO_TENSOR_PARALLEL_SIZE": "2", "COLO_SHARD_BASE": "true",
-                           "COLO_MAX_LORA_RANK": "16", "COLO_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
-                           "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-                           # vLLM's ranks open ports of their own: from here, not a just-freed one the service
-                           # was given
-                           "VLLM_PORT": str(free_port() + 1000)}, tmp_path / "service.log", ranks=2)
-    try:
-        proc.wait_ready()
-        seq = AutoTokenizer.from_pretrained(str(tiny_model_dir)).encode("the quick brown fox jumps over the lazy dog")
-        tc = tinker.ServiceClient(base_url=proc.url, api_key="tml-open").create_lora_training_client(
-            base_model=str(tiny_model_dir), rank=8).result()
-        overfit(tc, seq, steps=60)
-        sampler = tc.create_sampling_client(tc.save_weights_for_sampler("recite").result().path).result()
-        assert greedy(sampler, seq[:3], len(seq) - 3) == seq[3:]
-    finally:
-        proc.stop()
-    log = proc.tail(400)
+    log = serve_overfit_and_recite(tiny_model_dir, tmp_path, {
+        "COLO_ENGINE": "vllm", "COLO_TENSOR_PARALLEL_SIZE": "2", "COLO_SHARD_BASE": "true",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        # vLLM's ranks open ports of their own: from here, not a just-freed one the service was given
+        "VLLM_PORT": str(free_port() + 1000)})
     assert "base model sharded over 2 ranks" in log and "engine vllm" in log, log
-    assert "colo: stopped cleanly" in log, log
